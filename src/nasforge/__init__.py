@@ -1,0 +1,3 @@
+"""nasforge: hardware-aware NAS and compression as a Kubeflow pipeline."""
+
+__version__ = "0.1.0"
