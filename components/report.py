@@ -1,0 +1,37 @@
+"""KFP component of the report stage (thin: the logic is in ``nasforge.stages.report``)."""
+
+from kfp import dsl
+from typing import List  # noqa: UP035 - KFP resolves typing.List, not list[...]
+
+from kfp.dsl import Artifact, Input, Output
+
+from nasforge.images import cpu_image
+
+
+@dsl.component(base_image=cpu_image())
+def report(
+    params_json: str,
+    parent_run_id: str,
+    search: Input[Artifact],
+    promotion: Input[Artifact],
+    benchmarks: Input[List[Artifact]],
+    report: Output[Artifact],
+):
+    from pathlib import Path
+
+    from nasforge.config import params_from_json
+    from nasforge.stages.runner import execute
+
+    from nasforge.tracking.mlflow_runs import close_run
+
+    params = params_from_json(params_json)
+    execute(
+        "report",
+        params,
+        Path(report.path),
+        parent_run_id=parent_run_id,
+        search=Path(search.path),
+        promotion=Path(promotion.path),
+        benchmarks=[Path(b.path) for b in benchmarks],
+    )
+    close_run(params.tracking.uri, parent_run_id)

@@ -1,0 +1,18 @@
+"""KFP component that opens the pipeline's parent MLflow run (every stage nests under it)."""
+
+from kfp import dsl
+
+from nasforge.images import cpu_image
+
+
+@dsl.component(base_image=cpu_image())
+def start_run(params_json: str, run_name: str) -> str:
+    from nasforge.config import params_from_json
+    from nasforge.tracking.mlflow_runs import open_parent_run
+
+    params = params_from_json(params_json)
+    run_id = open_parent_run(
+        params.tracking.uri, params.tracking.experiment, run_name, params.model_dump(mode="json")
+    )
+    print(f"==> MLflow parent run {run_id}", flush=True)
+    return run_id

@@ -1,0 +1,1 @@
+"""The nasforge Kubeflow pipeline: definition, compilation and the local (kfp.local) driver."""

@@ -1,0 +1,222 @@
+"""``nasforge`` command line: one sub-command per stage, plus run / pipeline / bench-search / targets.
+
+User errors (:class:`nasforge.errors.NasforgeError`) print one line ``error: ...`` on stderr and
+exit with status 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from nasforge import __version__
+from nasforge.errors import ConfigError, NasforgeError
+
+
+def _common(p: argparse.ArgumentParser, output: bool = True) -> None:
+    p.add_argument("--params", type=Path, default=None, help="params.yaml (default: built-in defaults)")
+    if output:
+        p.add_argument("--output", type=Path, required=True, help="output folder (replaced on success)")
+    p.add_argument("--parent-run-id", default=os.environ.get("NASFORGE_PARENT_RUN_ID"), help="MLflow parent run id")
+    p.add_argument("--run-name", default=None, help="name of this stage's MLflow run")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    ap = argparse.ArgumentParser(prog="nasforge", description="Hardware-aware NAS and compression pipeline.")
+    ap.add_argument("--version", action="version", version=f"nasforge {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare-data", help="load and split a dataset")
+    _common(p)
+    p = sub.add_parser("search", help="train the supernet and search the Pareto set")
+    _common(p)
+    p.add_argument("--data", type=Path, required=True)
+    p = sub.add_parser("train", help="fine-tune a candidate with distillation")
+    _common(p)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--search", type=Path, required=True)
+    p.add_argument("--candidate", type=int, required=True)
+    for name in ("prune", "qat"):
+        p = sub.add_parser(name, help=f"{name} a model artifact")
+        _common(p)
+        p.add_argument("--data", type=Path, required=True)
+        p.add_argument("--model", type=Path, required=True)
+    p = sub.add_parser("export", help="export ONNX fp32/int8 and OpenVINO IR with parity checks")
+    _common(p)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--model", type=Path, required=True, help="fp32 model artifact (pruned)")
+    p.add_argument("--quantized", type=Path, required=True, help="INT8 artifact (qat)")
+    p = sub.add_parser("benchmark", help="measure exported models on a target")
+    _common(p)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--exported", type=Path, required=True)
+    p.add_argument("--target", required=True)
+    p = sub.add_parser("promote", help="register the best model per target and gate the champion")
+    _common(p)
+    p.add_argument("--benchmarks", type=Path, nargs="+", required=True)
+    p = sub.add_parser("report", help="write report.html and summary.json")
+    _common(p)
+    p.add_argument("--search", type=Path, required=True)
+    p.add_argument("--promotion", type=Path, required=True)
+    p.add_argument("--benchmarks", type=Path, nargs="+", required=True)
+
+    p = sub.add_parser("run", help="run the whole pipeline locally with kfp.local")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+
+    p = sub.add_parser("pipeline", help="compile, submit or schedule the KFP pipeline")
+    psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
+    c = psub.add_parser("compile", help="compile the pipeline to KFP IR YAML")
+    c.add_argument("--output", type=Path, default=Path("pipelines/compiled/nasforge_pipeline.yaml"))
+    for action in ("submit", "schedule"):
+        c = psub.add_parser(action, help=f"{action} the compiled pipeline on a KFP host")
+        c.add_argument("--host", required=True)
+        c.add_argument("--package", type=Path, default=Path("pipelines/compiled/nasforge_pipeline.yaml"))
+        c.add_argument("--params", type=Path, default=Path("params.yaml"))
+        c.add_argument("--experiment", default="nasforge")
+        if action == "submit":
+            c.add_argument("--run-name", default=None)
+            c.add_argument("--wait", action="store_true")
+            c.add_argument("--timeout", type=int, default=6 * 3600)
+        else:
+            c.add_argument("--cron", required=True, help="KFP 6-field cron, e.g. '0 0 3 * * *'")
+            c.add_argument("--job-name", default="nasforge-nightly")
+
+    p = sub.add_parser("bench-search", help="benchmark search strategies on a tabular NAS benchmark")
+    p.add_argument("--table", type=Path, required=True)
+    p.add_argument("--objectives", required=True, help="COL:max,COL:min[,...]")
+    p.add_argument("--strategies", default="optuna-random,optuna-tpe,optuna-nsga2,regevo,hybrid")
+    p.add_argument("--budgets", default="100,300")
+    p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("targets", help="list hardware targets and whether they are available here")
+    p.add_argument("--table", type=Path, default=None, help="NB201-style CSV for table:<column> targets")
+    return ap
+
+
+def _stage_inputs(args: argparse.Namespace) -> dict:
+    keys = ("data", "search", "candidate", "model", "quantized", "exported", "target", "benchmarks", "promotion")
+    mapping = {"data": "dataset"}
+    out = {}
+    for k in keys:
+        if hasattr(args, k):
+            out[mapping.get(k, k)] = getattr(args, k)
+    return out
+
+
+def _check_inputs_exist(inputs: dict) -> None:
+    from nasforge.errors import DataError, ModelFileError
+
+    for name, value in inputs.items():
+        paths = value if isinstance(value, list) else [value]
+        for v in paths:
+            if isinstance(v, Path) and not v.exists():
+                err = DataError if name == "dataset" else ModelFileError
+                raise err(f"--{'data' if name == 'dataset' else name}: path does not exist: {v}")
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    from nasforge.config import load_params
+    from nasforge.stages.runner import execute
+
+    params = load_params(args.params)
+    inputs = _stage_inputs(args)
+    _check_inputs_exist(inputs)
+    execute(
+        args.command,
+        params,
+        args.output,
+        parent_run_id=args.parent_run_id,
+        run_name=args.run_name,
+        tracking=not args.no_tracking,
+        **inputs,
+    )
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    if args.pipeline_command == "compile":
+        from nasforge.pipelines.nasforge_pipeline import compile_pipeline
+
+        path = compile_pipeline(args.output)
+        print(f"compiled {path}")
+        return 0
+    from nasforge import kfp_client
+    from nasforge.config import load_params
+
+    params = load_params(args.params)
+    arguments = {"params_json": params.to_json()}
+    if args.pipeline_command == "submit":
+        run_id = kfp_client.submit(
+            args.package, args.host, experiment=args.experiment, run_name=args.run_name, params=arguments, wait=args.wait, timeout=args.timeout
+        )
+        print(f"submitted run {run_id}")
+    else:
+        job_id = kfp_client.schedule(args.package, args.host, experiment=args.experiment, job_name=args.job_name, cron=args.cron, params=arguments)
+        print(f"scheduled recurring run {job_id} ({args.cron})")
+    return 0
+
+
+def _bench_search(args: argparse.Namespace) -> int:
+    from nasforge.search.tabular import parse_objectives, run_bench_search
+
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        raise ConfigError(f"--budgets must be comma-separated integers, got {args.budgets!r}") from None
+    doc = run_bench_search(
+        args.table,
+        parse_objectives(args.objectives),
+        [s.strip() for s in args.strategies.split(",") if s.strip()],
+        budgets,
+        args.seeds,
+        args.out,
+        workers=args.workers,
+    )
+    print(json.dumps({s: {b: r["median_gap"] for b, r in v.items()} for s, v in doc["results"].items()}, indent=1))
+    return 0
+
+
+def _targets(args: argparse.Namespace) -> int:
+    from nasforge.hardware.targets import get_target, list_targets
+
+    for name in list_targets(args.table):
+        t = get_target(name, table=args.table) if name.startswith("table:") else get_target(name)
+        problem = t.availability_problem()
+        print(f"{name:28s} {'available' if problem is None else 'not available: ' + problem}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``nasforge`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from nasforge.pipelines.local_run import run_local
+
+            run_local(args.params, args.runs_dir)
+            return 0
+        if args.command == "pipeline":
+            return _pipeline(args)
+        if args.command == "bench-search":
+            return _bench_search(args)
+        if args.command == "targets":
+            return _targets(args)
+        return _run_stage(args)
+    except NasforgeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,596 @@
+"""INT8 quantization with torchao pt2e: quantization-aware training (QAT) and post-training (PTQ).
+
+The flow is the one torchao documents for x86 CPUs::
+
+    torch.export.export(model, example, dynamic_shapes=batch)   # ATen graph, dynamic batch
+    prepare_qat_pt2e(gm, X86InductorQuantizer(is_qat=True))     # fake-quant + simulated conv-BN fold
+    ... fine-tune ...
+    convert_pt2e(prepared)                                      # quantize/dequantize ops
+
+The converted graph holds ``quantized_decomposed`` quantize/dequantize ops, which
+``torch.onnx.export(dynamo=True)`` turns into ONNX QuantizeLinear/DequantizeLinear (QDQ), so the
+same file runs in INT8 in ONNX Runtime and OpenVINO (see :mod:`nasforge.export.onnx`).
+
+Between the qat stage and the export stage the converted model travels as a ``torch.export``
+``.pt2`` archive (:func:`save_quantized` / :func:`load_quantized`). ``torch.export.load`` is not
+safe on hostile files (pickled payloads are loaded with ``weights_only=False``, guard code is
+``exec``-ed, operator names resolve to any ``torch.*`` attribute), so :func:`load_quantized` first
+validates the archive against what :func:`save_quantized` writes and refuses anything else.
+
+CPUs without VNNI (AVX512-VNNI, AVX-VNNI or AMX) compute u8*s8 products with ``vpmaddubsw``,
+whose 16-bit intermediate sums saturate; the known work-around is 7-bit activations
+(``reduce_range=True``). :func:`detect_quant_scheme` reads the CPU flags and returns which was used
+so that stages can record it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import os
+import re
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.export import Dim, ExportedProgram
+from torch.fx import GraphModule
+from torchao.quantization.pt2e import (
+    disable_observer,
+    move_exported_model_to_eval,
+    move_exported_model_to_train,
+)
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
+from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+    X86InductorQuantizer,
+    get_default_x86_inductor_quantization_config,
+)
+
+from nasforge.errors import ModelFileError
+
+#: CPU flags (as spelled in /proc/cpuinfo) that provide u8*s8 dot products without saturation.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+#: Largest batch the exported graphs accept; any finite bound works, ONNX keeps it symbolic.
+MAX_BATCH = 1 << 16
+_META_KEY = "nasforge_quant"
+_META_FILE = "nasforge_meta.json"
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """What quantization scheme was used and why; record :meth:`as_dict` with the model.
+
+    Attributes:
+        method: ``"qat"`` or ``"ptq"``.
+        reduce_range: True when activations use 7 bits (``quant_max=127``).
+        reason: why ``reduce_range`` has its value.
+        vnni_flags: the VNNI-class flags found on this CPU.
+        activation_bits: 7 or 8.
+    """
+
+    method: str
+    reduce_range: bool
+    reason: str
+    vnni_flags: tuple[str, ...] = ()
+    activation_bits: int = 8
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-friendly dict."""
+        d = asdict(self)
+        d["vnni_flags"] = list(self.vnni_flags)
+        return d
+
+
+def cpu_flags(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> set[str] | None:
+    """Return the CPU's ISA flags from ``/proc/cpuinfo``, or None where it cannot be read."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags") and ":" in line:
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+def detect_quant_scheme(
+    method: str = "qat",
+    reduce_range: bool | None = None,
+    cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo",
+) -> QuantScheme:
+    """Decide whether activations need 7-bit range on this CPU.
+
+    Args:
+        method: ``"qat"`` or ``"ptq"`` (recorded only).
+        reduce_range: force the choice (True/False); None detects it from the CPU flags.
+        cpuinfo: path of the cpuinfo file (a parameter so tests can feed other CPUs).
+
+    Returns:
+        The scheme, with the reason for the choice.
+    """
+    flags = cpu_flags(cpuinfo)
+    found = tuple(f for f in VNNI_FLAGS if flags and f in flags)
+    if reduce_range is not None:
+        reason = f"forced reduce_range={reduce_range} by caller"
+        use = reduce_range
+    elif flags is None:
+        # Unknown ISA: 7-bit activations are correct everywhere, 8-bit only with VNNI.
+        use, reason = True, "CPU flags unreadable; reduce_range applied conservatively"
+    elif found:
+        use, reason = False, f"CPU has {', '.join(found)}: full 8-bit activations"
+    else:
+        use, reason = True, "CPU lacks VNNI (no avx512_vnni/avx_vnni/amx_int8): 7-bit activations"
+    return QuantScheme(
+        method=method,
+        reduce_range=use,
+        reason=reason,
+        vnni_flags=found,
+        activation_bits=7 if use else 8,
+    )
+
+
+# --- faster pattern capture ---------------------------------------------------------------------
+# torchao's prepare/convert/move_exported_model_to_{train,eval} match subgraph patterns that they
+# first capture with ``torch.export.export(strict=True)``: 108 dynamo traces in convert_pt2e alone
+# (~25 s idle, ~100 s on a loaded 2-core machine). Non-strict capture yields the identical graph
+# (checked: same converted graph node by node, identical outputs) at a third of the cost, and the
+# captures depend only on the pattern code and input shapes, so they are memoized per process.
+
+_PATTERN_CACHE: dict[Any, GraphModule] = {}
+
+
+def _freeze(value: Any, tensor_values: bool) -> Any:
+    """Hashable key of a pattern ingredient; TypeError where none is safe."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return value
+    if isinstance(value, torch.Tensor):
+        key = ("T", tuple(value.shape), str(value.dtype), value.device.type)
+        if tensor_values:
+            key += (value.detach().cpu().numpy().tobytes(),)
+        return key
+    if isinstance(value, (tuple, list)):
+        return tuple(_freeze(v, tensor_values) for v in value)
+    code = getattr(value, "__code__", None)
+    if code is not None:  # a (possibly nested) function: its code plus what it closes over
+        cells = tuple(_freeze(c.cell_contents, True) for c in value.__closure__ or ())
+        defaults = _freeze(value.__defaults__ or (), True)
+        return ("F", code, cells, defaults)
+    if callable(value) and hasattr(value, "__qualname__"):  # builtins, torch ops
+        return ("C", getattr(value, "__module__", ""), value.__qualname__, id(value))
+    raise TypeError(f"no cache key for {type(value).__name__}")
+
+
+def _capture_pattern(
+    pattern: Callable, example_inputs: tuple[Any, ...], is_cuda: bool = False, **kwargs: Any
+) -> GraphModule:
+    """Drop-in for torchao's ``_get_aten_graph_module_for_pattern``: non-strict and memoized."""
+    import copy
+
+    try:
+        fn = getattr(pattern, "fn", pattern)
+        key: Any = (
+            _freeze(fn, True),
+            _freeze(tuple(example_inputs), False),
+            is_cuda,
+            tuple(sorted((k, _freeze(v, True)) for k, v in kwargs.items())),
+        )
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _PATTERN_CACHE:
+        return copy.deepcopy(_PATTERN_CACHE[key])
+    if is_cuda:
+        example_inputs = tuple(
+            x.cuda() if isinstance(x, torch.Tensor) else x for x in example_inputs
+        )
+    gm = torch.export.export(pattern, example_inputs, kwargs, strict=False).module()
+    gm.graph.eliminate_dead_code()
+    for node in list(gm.graph.nodes):
+        # ep.module() adds copy_ nodes for mutated inputs; patterns do not need them
+        if node.op == "call_function" and node.target == torch.ops.aten.copy_.default:
+            if not node.users:
+                gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    if key is not None:
+        _PATTERN_CACHE[key] = gm
+        return copy.deepcopy(gm)
+    return gm
+
+
+@contextlib.contextmanager
+def fast_pattern_capture() -> Iterator[None]:
+    """Within the block, torchao pt2e captures its rewrite patterns non-strictly, memoized.
+
+    Wrap calls to torchao's ``prepare_*``/``convert_pt2e``/``move_exported_model_to_*`` in it
+    (the functions of this module already do).
+    """
+    from torchao.quantization.pt2e import qat_utils, utils
+
+    saved = (utils._get_aten_graph_module_for_pattern, qat_utils._get_aten_graph_module_for_pattern)
+    utils._get_aten_graph_module_for_pattern = _capture_pattern
+    qat_utils._get_aten_graph_module_for_pattern = _capture_pattern
+    try:
+        yield
+    finally:
+        utils._get_aten_graph_module_for_pattern, qat_utils._get_aten_graph_module_for_pattern = (
+            saved
+        )
+
+
+def _with_fast_capture(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with fast_pattern_capture():
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+def make_quantizer(is_qat: bool, reduce_range: bool) -> X86InductorQuantizer:
+    """Return torchao's x86 quantizer: per-channel symmetric s8 weights, per-tensor u8 activations."""
+    config = get_default_x86_inductor_quantization_config(is_qat=is_qat, reduce_range=reduce_range)
+    return X86InductorQuantizer().set_global(config)
+
+
+def _example(example_input: torch.Tensor) -> torch.Tensor:
+    """Return a contiguous example with batch >= 2 (torch.export specializes a batch of 1)."""
+    x = example_input.detach().to(torch.float32)
+    if x.shape[0] < 2:
+        x = torch.cat([x, x], dim=0)
+    # clone: a view would make torch.export.save store the whole underlying storage
+    return x[:8].clone().contiguous()
+
+
+def _batch_dynamic_shapes() -> tuple[dict[int, Any]]:
+    return ({0: Dim("batch", min=1, max=MAX_BATCH)},)
+
+
+def export_graph(model: nn.Module, example_input: torch.Tensor) -> GraphModule:
+    """Capture ``model`` as an ATen GraphModule with a dynamic batch dimension."""
+    ep = torch.export.export(
+        model, (_example(example_input),), dynamic_shapes=_batch_dynamic_shapes()
+    )
+    return ep.module()
+
+
+@_with_fast_capture
+def prepare_qat(
+    model: nn.Module, example_input: torch.Tensor, reduce_range: bool | None = None
+) -> GraphModule:
+    """Export ``model`` and insert QAT fake-quantization (conv-BN folding is simulated).
+
+    Args:
+        model: float model (NCHW input); it is not modified.
+        example_input: a batch of real inputs (shape and dtype are what matter).
+        reduce_range: None to detect from the CPU, or force 7-bit (True) / 8-bit (False).
+
+    Returns:
+        The prepared GraphModule, in train mode. ``gm.meta["nasforge_quant"]`` holds the
+        :class:`QuantScheme` dict.
+    """
+    scheme = detect_quant_scheme("qat", reduce_range)
+    model = model.eval()  # export in eval; move_exported_model_to_train flips BN/dropout after
+    gm = export_graph(model, example_input)
+    prepared = prepare_qat_pt2e(gm, make_quantizer(True, scheme.reduce_range))
+    prepared.meta[_META_KEY] = scheme.as_dict()
+    move_exported_model_to_train(prepared)
+    return prepared
+
+
+@_with_fast_capture
+def finetune_qat(
+    prepared: GraphModule,
+    x: np.ndarray | torch.Tensor,
+    y: np.ndarray | torch.Tensor,
+    epochs: int = 2,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    freeze_observers_last_epoch: bool = True,
+) -> list[float]:
+    """Fine-tune a QAT-prepared graph with SGD+momentum and cross-entropy.
+
+    Observers are frozen for the last epoch (when ``epochs > 1``) so the scales stop moving and
+    the weights adapt to the final quantization grid, the usual QAT recipe.
+
+    Returns:
+        The mean training loss per epoch.
+    """
+    xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    yt = torch.as_tensor(np.asarray(y), dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(prepared.parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
+    move_exported_model_to_train(prepared)
+    losses: list[float] = []
+    for epoch in range(epochs):
+        if freeze_observers_last_epoch and epochs > 1 and epoch == epochs - 1:
+            prepared.apply(disable_observer)
+        perm = torch.randperm(len(xt), generator=gen)
+        total, count = 0.0, 0
+        for i in range(0, len(xt), batch_size):
+            idx = perm[i : i + batch_size]
+            if len(idx) < 2:  # BatchNorm in train mode needs more than one value per channel
+                continue
+            loss = nn.functional.cross_entropy(prepared(xt[idx]), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        losses.append(total / max(count, 1))
+    move_exported_model_to_eval(prepared)
+    return losses
+
+
+@_with_fast_capture
+def convert_qat(prepared: GraphModule) -> GraphModule:
+    """Convert a prepared (QAT or PTQ) graph to quantize/dequantize ops, in eval mode."""
+    move_exported_model_to_eval(prepared)
+    meta = prepared.meta.get(_META_KEY)
+    converted = convert_pt2e(prepared)
+    move_exported_model_to_eval(converted)
+    if meta is not None:
+        converted.meta[_META_KEY] = meta
+    return converted
+
+
+@dataclass
+class QuantResult:
+    """A converted INT8 model and how it was made.
+
+    Attributes:
+        model: the converted GraphModule (eval mode); call it like the float model.
+        scheme: the :class:`QuantScheme` as a dict (record it).
+        losses: training loss per epoch (QAT) or empty (PTQ).
+    """
+
+    model: GraphModule
+    scheme: dict[str, Any]
+    losses: list[float] = field(default_factory=list)
+
+
+@_with_fast_capture
+def quantize_qat(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    train: Callable[[GraphModule], None] | tuple[np.ndarray, np.ndarray],
+    epochs: int = 2,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    reduce_range: bool | None = None,
+    seed: int = 0,
+) -> QuantResult:
+    """Run INT8 QAT end to end: prepare, fine-tune, convert.
+
+    Args:
+        model: trained float model.
+        example_input: a batch of inputs.
+        train: either a callback that fine-tunes the prepared graph in place (it gets the
+            graph in train mode; use ``torchao.quantization.pt2e.move_exported_model_to_eval``
+            and not ``.eval()`` for evaluation), or ``(x, y)`` numpy arrays for the built-in loop.
+        epochs, lr, batch_size, seed: settings of the built-in loop.
+        reduce_range: None to detect from the CPU, or force it.
+
+    Returns:
+        The converted model, the scheme used and the losses.
+    """
+    prepared = prepare_qat(model, example_input, reduce_range)
+    losses: list[float] = []
+    if callable(train):
+        train(prepared)
+    else:
+        x, y = train
+        losses = finetune_qat(
+            prepared, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed
+        )
+    converted = convert_qat(prepared)
+    return QuantResult(converted, converted.meta[_META_KEY], losses)
+
+
+@_with_fast_capture
+def ptq(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    calibration: Iterable[torch.Tensor] | np.ndarray | torch.Tensor,
+    reduce_range: bool | None = None,
+    batch_size: int = 128,
+    max_samples: int = 1024,
+) -> QuantResult:
+    """Post-training static INT8 quantization (histogram observers + calibration).
+
+    Args:
+        model: trained float model.
+        example_input: a batch of inputs.
+        calibration: an array of inputs (the first ``max_samples`` are used, in batches) or an
+            iterable of input batches.
+        reduce_range: None to detect from the CPU, or force it.
+
+    Returns:
+        The converted model and the scheme used.
+    """
+    scheme = detect_quant_scheme("ptq", reduce_range)
+    gm = export_graph(model.eval(), example_input)
+    prepared = prepare_pt2e(gm, make_quantizer(False, scheme.reduce_range))
+    prepared.meta[_META_KEY] = scheme.as_dict()
+    move_exported_model_to_eval(prepared)
+    if isinstance(calibration, (np.ndarray, torch.Tensor)):
+        data = torch.as_tensor(np.asarray(calibration), dtype=torch.float32)[:max_samples]
+        batches: Iterable[torch.Tensor] = data.split(batch_size)
+    else:
+        batches = calibration
+    with torch.no_grad():
+        for xb in batches:
+            prepared(torch.as_tensor(xb, dtype=torch.float32))
+    converted = convert_qat(prepared)
+    return QuantResult(converted, scheme.as_dict(), [])
+
+
+def to_exported_program(gm_or_ep: GraphModule | ExportedProgram, example_input: torch.Tensor):
+    """Return an ExportedProgram with a dynamic batch for a converted GraphModule (or pass one)."""
+    if isinstance(gm_or_ep, ExportedProgram):
+        return gm_or_ep
+    return torch.export.export(
+        gm_or_ep, (_example(example_input),), dynamic_shapes=_batch_dynamic_shapes()
+    )
+
+
+def save_quantized(
+    gm_or_ep: GraphModule | ExportedProgram,
+    example_input: torch.Tensor,
+    path: str | os.PathLike[str],
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Save a converted INT8 model as a ``torch.export`` ``.pt2`` archive (atomic write).
+
+    Args:
+        gm_or_ep: the converted GraphModule (from :func:`convert_qat`/:func:`ptq`) or an
+            ExportedProgram of it.
+        example_input: a batch of inputs (to re-export with a dynamic batch).
+        path: the ``.pt2`` file to write.
+        meta: JSON-serializable metadata stored inside the archive (the quant scheme is added).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    meta = dict(meta or {})
+    if isinstance(gm_or_ep, GraphModule) and _META_KEY in gm_or_ep.meta:
+        meta.setdefault("quant_scheme", gm_or_ep.meta[_META_KEY])
+    ep = to_exported_program(gm_or_ep, example_input)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.pt2", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.export.save(ep, tmp, extra_files={_META_FILE: json.dumps(meta, sort_keys=True)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# --- safe loading -------------------------------------------------------------------------------
+
+_ALLOWED_ENTRY = re.compile(
+    r"^[^/]+/("
+    r"archive_format|archive_version|byteorder|version|\.data/version|\.data/serialization_id"
+    r"|models/model\.json|data/sample_inputs/model\.pt"
+    r"|data/weights/(weight_\d+|model_weights_config\.json)"
+    r"|data/constants/(tensor_\d+|constant_\d+|model_constants_config\.json)"
+    rf"|extra/{re.escape(_META_FILE)}"
+    r")$"
+)
+_ALLOWED_TARGET = re.compile(
+    r"^(torch\.ops\.(aten|quantized_decomposed)\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+"
+    r"|_operator\.(getitem|add|mul|sub|floordiv|truediv))$"
+)
+# sympy parses symbolic-shape expressions (``Symbol('s77', positive=True, integer=True)``) with
+# eval: allow quoted symbol names, arithmetic, and a short list of sympy constructors only.
+_QUOTED_NAME = re.compile(r"'[A-Za-z_][A-Za-z0-9_]*'")
+_EXPR_CHARS = re.compile(r"^[A-Za-z0-9_ +\-*/(),.<>=%]*$")
+_EXPR_WORDS = frozenset(
+    "Symbol Integer Mul Add Pow Rational Mod FloorDiv CeilToInt FloorToInt IntTrueDiv Max Min "
+    "True False positive integer nonnegative negative real finite oo".split()
+)
+
+
+def _safe_expr(expr: str) -> bool:
+    rest = _QUOTED_NAME.sub("", expr)
+    if not _EXPR_CHARS.match(rest):
+        return False
+    words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", rest)
+    return all(w in _EXPR_WORDS or re.fullmatch(r"[su]\d+", w) for w in words)
+
+
+def _walk(obj: Any) -> Iterable[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k, v
+            yield from _walk(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk(v)
+
+
+def _validate_pt2(path: Path) -> dict[str, Any]:
+    """Check that a .pt2 holds only what save_quantized writes; return the nasforge metadata."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelFileError(f"{path}: not a valid .pt2 archive ({exc})") from exc
+    with zf:
+        names = zf.namelist()
+        bad = [n for n in names if not _ALLOWED_ENTRY.match(n)]
+        if bad:
+            raise ModelFileError(f"{path}: unexpected entry {bad[0]!r}; refusing to load")
+        try:
+            model_json = next(n for n in names if n.endswith("/models/model.json"))
+            for name in names:
+                if name.endswith("_config.json"):
+                    config = json.loads(zf.read(name))
+                    if any(k == "use_pickle" and v for k, v in _walk(config)):
+                        raise ModelFileError(f"{path}: pickled payload in {name}; refusing to load")
+            program = json.loads(zf.read(model_json))
+            for name in names:
+                if name.endswith("sample_inputs/model.pt"):
+                    # torch.export.load retries failed loads with weights_only=False
+                    torch.load(io.BytesIO(zf.read(name)), weights_only=True)
+            meta_name = next((n for n in names if n.endswith(f"/extra/{_META_FILE}")), None)
+            meta = json.loads(zf.read(meta_name)) if meta_name else {}
+        except ModelFileError:
+            raise
+        except StopIteration as exc:
+            raise ModelFileError(f"{path}: no models/model.json in archive") from exc
+        except Exception as exc:  # zlib, JSON, unpickling: all mean a damaged or foreign file
+            raise ModelFileError(f"{path}: corrupt .pt2 archive ({type(exc).__name__})") from exc
+    if program.get("guards_code"):
+        raise ModelFileError(f"{path}: archive carries guard code; refusing to load")
+    if program.get("graph_module", {}).get("graph", {}).get("custom_obj_values"):
+        raise ModelFileError(f"{path}: archive carries custom objects; refusing to load")
+    for key, value in _walk(program):
+        if key == "target" and isinstance(value, str) and not _ALLOWED_TARGET.match(value):
+            raise ModelFileError(f"{path}: operator {value!r} not allowed; refusing to load")
+        if key == "expr_str" and isinstance(value, str) and not _safe_expr(value):
+            raise ModelFileError(f"{path}: malformed shape expression; refusing to load")
+    return meta
+
+
+def load_quantized(path: str | os.PathLike[str]) -> ExportedProgram:
+    """Load a ``.pt2`` written by :func:`save_quantized`, refusing anything that could run code.
+
+    Args:
+        path: the archive.
+
+    Returns:
+        The ExportedProgram (call ``.module()`` for a runnable GraphModule). Its nasforge
+        metadata (quant scheme, ...) is available via :func:`read_quantized_meta`.
+
+    Raises:
+        ModelFileError: the file is missing, truncated, corrupt or holds unexpected content.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    _validate_pt2(path)
+    try:
+        return torch.export.load(path)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ModelFileError(f"{path}: cannot load .pt2 ({type(exc).__name__}: {first})") from exc
+
+
+def read_quantized_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the JSON metadata stored by :func:`save_quantized` (validates the archive)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    return _validate_pt2(path)

@@ -1,0 +1,243 @@
+"""Typed configuration: one YAML file (``params.yaml``) validated by pydantic.
+
+Every stage receives the whole :class:`Params` object, so the CLI, the KFP components and DVC all
+read the same fields. Unknown fields are rejected (a typo must not silently fall back to a
+default), and a validation failure is raised as a one-line :class:`~nasforge.errors.ConfigError`
+that names the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from nasforge.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunParams(_Section):
+    """Run-wide settings."""
+
+    name: str = "nasforge"
+    seed: int = 0
+    threads: int = Field(2, ge=1, description="CPU threads for torch and the runtimes")
+
+
+class DataParams(_Section):
+    """Dataset source and split."""
+
+    source: str = Field("digits", description="'digits', an ImageFolder dir, a .tar of one, or .npz")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    max_per_class: int | None = Field(None, ge=1, description="subsample each class (time-boxing)")
+    image_size: int | None = Field(None, ge=4, description="resize images to this size")
+
+
+class SpaceParams(_Section):
+    """Search space shape (NAS-Bench-201-style cell network)."""
+
+    kind: Literal["cell"] = "cell"
+    channels: int = Field(16, ge=2)
+    cells_per_stage: int = Field(1, ge=1)
+
+
+class SearchParams(_Section):
+    """Supernet training and multi-objective subnet search."""
+
+    supernet_epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.05, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    strategy: str = "optuna-nsga2"
+    trials: int = Field(40, ge=2)
+    population_size: int = Field(16, ge=2)
+    max_candidates: int = Field(2, ge=1, description="Pareto candidates carried to training")
+    bn_recalibration_batches: int = Field(4, ge=0)
+    latency_batch_size: int = Field(1, ge=1)
+    latency_repeats: int = Field(20, ge=3)
+
+
+class TrainParams(_Section):
+    """Fine-tuning of candidates with logit distillation from the largest subnet."""
+
+    epochs: int = Field(15, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.02, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    kd_temperature: float = Field(4.0, gt=0)
+    kd_alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation term")
+
+
+class PruneParams(_Section):
+    """Structured channel pruning."""
+
+    channel_ratio: float = Field(0.25, ge=0, lt=1, description="fraction of channels removed")
+    importance: Literal["magnitude", "taylor"] = "magnitude"
+    steps: int = Field(1, ge=1)
+    finetune_epochs: int = Field(5, ge=0)
+    lr: float = Field(0.01, gt=0)
+
+
+class QatParams(_Section):
+    """INT8 quantization-aware training."""
+
+    epochs: int = Field(3, ge=0)
+    lr: float = Field(0.002, gt=0)
+    batch_size: int = Field(64, ge=1)
+
+
+class BenchmarkParams(_Section):
+    """Measurement on each target."""
+
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
+    warmup: int = Field(10, ge=0)
+    repeats: int = Field(50, ge=3)
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("must be a non-empty list of positive integers")
+        return v
+
+
+class BudgetParams(_Section):
+    """What a model must meet to be promoted."""
+
+    min_accuracy: float = Field(0.0, ge=0, le=1)
+    max_latency_ms: float | None = Field(None, gt=0)
+    max_size_mb: float | None = Field(None, gt=0)
+
+
+class PromoteParams(_Section):
+    """Champion gates."""
+
+    precision: Literal["int8", "fp32", "any"] = "int8"
+    accuracy_tolerance: float = Field(
+        0.005, ge=0, description="a challenger may lose at most this much accuracy (absolute)"
+    )
+    latency_tolerance: float = Field(
+        0.10, ge=0, description="a challenger may be at most this much slower (relative)"
+    )
+
+
+class TrackingParams(_Section):
+    """MLflow tracking and DVC versioning."""
+
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "nasforge"
+    model_prefix: str = "nasforge"
+    dvc_remote: str = ".dvcstore"
+
+
+class Params(_Section):
+    """The whole configuration of a nasforge run (``params.yaml``)."""
+
+    run: RunParams = RunParams()
+    data: DataParams = DataParams()
+    space: SpaceParams = SpaceParams()
+    search: SearchParams = SearchParams()
+    targets: list[str] = Field(default_factory=lambda: ["onnxruntime-cpu", "openvino-cpu"])
+    train: TrainParams = TrainParams()
+    prune: PruneParams = PruneParams()
+    qat: QatParams = QatParams()
+    benchmark: BenchmarkParams = BenchmarkParams()
+    budgets: BudgetParams = BudgetParams()
+    promote: PromoteParams = PromoteParams()
+    tracking: TrackingParams = TrackingParams()
+    # DVC's foreach needs an explicit list; it must stay within search.max_candidates.
+    dvc_candidates: list[int] = Field(default_factory=lambda: [0])
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_non_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must name at least one target")
+        return v
+
+    def to_json(self) -> str:
+        """Serialize to a JSON string (how KFP components receive the configuration)."""
+        return self.model_dump_json()
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    more = len(err.errors()) - 1
+    tail = f"; and {more} more problem(s)" if more else ""
+    return f"{source}: {loc}: {msg}{got_text}{tail}"
+
+
+def params_from_dict(data: dict[str, Any], source: str = "params") -> Params:
+    """Validate a plain dict as :class:`Params`.
+
+    Args:
+        data: The configuration mapping.
+        source: Where it came from, used in error messages.
+
+    Returns:
+        The validated parameters.
+
+    Raises:
+        ConfigError: A field is unknown, of the wrong type or out of range.
+    """
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    bad = [c for c in params.dvc_candidates if c < 0 or c >= params.search.max_candidates]
+    if bad:
+        raise ConfigError(
+            f"{source}: dvc_candidates: index {bad[0]} is outside 0..{params.search.max_candidates - 1}"
+            " (search.max_candidates)"
+        )
+    return params
+
+
+def load_params(path: str | Path | None) -> Params:
+    """Load and validate ``params.yaml`` (or defaults when ``path`` is None).
+
+    Args:
+        path: YAML file path, or None for the built-in defaults.
+
+    Returns:
+        The validated parameters.
+
+    Raises:
+        ConfigError: The file is missing, is not YAML, or a field is invalid.
+    """
+    if path is None:
+        return Params()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return params_from_dict(data, str(path))
+
+
+def params_from_json(text: str) -> Params:
+    """Parse the JSON form produced by :meth:`Params.to_json`."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise ConfigError("params JSON is not valid JSON") from None
+    return params_from_dict(data, "params")

@@ -1,0 +1,104 @@
+"""benchmark: measure one candidate's exported models on one target.
+
+For each precision: accuracy of the *exported* model on the test split (run by the target's
+runtime), latency p50/p90/p99 after warm-up and throughput per batch size, model size and peak
+memory. Table targets (``table:<column>``) cannot run models: their latency is the table's value
+for the architecture (labelled ``source: table``) and accuracy is measured with ONNX Runtime.
+The models measured are copied into the output so promotion registers exactly these files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nasforge.bench.harness import predict
+from nasforge.bench.sysinfo import system_info
+from nasforge.config import Params
+from nasforge.data.prepared import load_prepared
+from nasforge.errors import ModelFileError
+from nasforge.hardware.targets import get_target
+from nasforge.stages import StageResult
+from nasforge.stages.export import EXPORT_JSON, model_files
+
+BENCHMARK_JSON = "benchmark.json"
+
+
+def _energy(latency_ms: float, target_name: str) -> dict[str, Any]:
+    try:
+        from nasforge.hardware.energy import energy_per_inference
+
+        return energy_per_inference(target_name, latency_ms)
+    except ImportError:
+        return {"source": "not available", "mj": None}
+
+
+def run(params: Params, dataset: Path, exported: Path, target: str, output: Path) -> StageResult:
+    """Benchmark the export folder ``exported`` on ``target``; write ``benchmark.json``."""
+    t = get_target(target)
+    t.check_available()
+    f = Path(exported) / EXPORT_JSON
+    if not f.is_file():
+        raise ModelFileError(f"not an export folder (no {EXPORT_JSON}): {exported}")
+    export = json.loads(f.read_text())
+    data = load_prepared(dataset)
+    x_test, y_test = data.numpy("test")
+    runtime = t.runtime if t.kind == "runtime" else "onnxruntime"
+    run_target = t if t.kind == "runtime" else get_target("onnxruntime-cpu")
+    bp = params.benchmark
+    threads = params.run.threads
+    results: dict[str, Any] = {}
+    output.mkdir(parents=True, exist_ok=True)
+    for precision in ("fp32", "int8"):
+        files = model_files(exported, runtime, precision)
+        logits = predict(files[0], run_target, x_test, batch_size=64, threads=threads)
+        acc = float((np.argmax(logits, axis=1) == y_test).mean())
+        latency = {}
+        if t.kind == "runtime":
+            for bs in bp.batch_sizes:
+                res = t.measure(files[0], batch_size=bs, input_shape=data.input_shape, warmup=bp.warmup, repeats=bp.repeats, threads=threads)
+                latency[str(bs)] = res.as_dict()
+                latency[str(bs)].pop("system", None)
+        else:
+            ms = float(t.lookup(export["arch_str"]))
+            latency["1"] = {"p50_ms": ms, "source": "table", "batch_size": 1}
+        dest = output / "model" / precision
+        dest.mkdir(parents=True, exist_ok=True)
+        for src in files:
+            shutil.copy2(src, dest / src.name)
+        p50_b1 = latency.get("1", next(iter(latency.values())))["p50_ms"]
+        results[precision] = {
+            "test_accuracy": acc,
+            "size_bytes": sum(s.stat().st_size for s in files),
+            "latency": latency,
+            "energy": _energy(p50_b1, t.name),
+            "files": [f"model/{precision}/{s.name}" for s in files],
+        }
+    doc = {
+        "target": t.describe(),
+        "candidate": export["candidate"],
+        "arch_str": export["arch_str"],
+        "quant_scheme": export.get("quant_scheme"),
+        "results": results,
+        "system": system_info(threads),
+    }
+    (output / BENCHMARK_JSON).write_text(json.dumps(doc, indent=2, default=str))
+    metrics: dict[str, float] = {}
+    for precision, r in results.items():
+        metrics[f"{precision}_test_accuracy"] = r["test_accuracy"]
+        metrics[f"{precision}_size_bytes"] = r["size_bytes"]
+        for bs, lat in r["latency"].items():
+            metrics[f"{precision}_b{bs}_p50_ms"] = lat["p50_ms"]
+            if "throughput_ips" in lat:
+                metrics[f"{precision}_b{bs}_throughput"] = lat["throughput_ips"]
+    print(
+        f"  {export['candidate']} on {t.name}: int8 acc {results['int8']['test_accuracy']:.4f}, "
+        f"p50@1 {results['int8']['latency'].get('1', {}).get('p50_ms', float('nan')):.3f} ms; "
+        f"fp32 acc {results['fp32']['test_accuracy']:.4f}, p50@1 {results['fp32']['latency'].get('1', {}).get('p50_ms', float('nan')):.3f} ms",
+        flush=True,
+    )
+    return StageResult(metrics=metrics, tags={"candidate": export["candidate"], "target": t.name}, artifacts=[output / BENCHMARK_JSON])

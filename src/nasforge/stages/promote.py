@@ -1,0 +1,104 @@
+"""promote: per target, register the best model that meets the budgets and move
+``champion-<target>`` only if it beats the current champion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nasforge.config import Params
+from nasforge.errors import ModelFileError
+from nasforge.stages import StageResult
+from nasforge.stages.benchmark import BENCHMARK_JSON
+from nasforge.tracking.registry import Challenger, Decision, alias_for, register_and_promote
+
+PROMOTION_JSON = "promotion.json"
+
+
+def load_benchmarks(dirs: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """Read every ``benchmark.json``; a missing or corrupt one is an error, not a silent skip."""
+    out = []
+    for d in dirs:
+        f = Path(d) / BENCHMARK_JSON
+        if not f.is_file():
+            raise ModelFileError(f"not a benchmark folder (no {BENCHMARK_JSON}): {d}")
+        try:
+            out.append((Path(d), json.loads(f.read_text())))
+        except json.JSONDecodeError as err:
+            raise ModelFileError(f"corrupt {f}: {err}") from None
+    return out
+
+
+def budget_problem(params: Params, r: dict[str, Any]) -> str | None:
+    """Why a result misses the budgets, or None if it meets them."""
+    b = params.budgets
+    lat = r["latency"].get("1", next(iter(r["latency"].values())))["p50_ms"]
+    if r["test_accuracy"] < b.min_accuracy:
+        return f"accuracy {r['test_accuracy']:.4f} < {b.min_accuracy}"
+    if b.max_latency_ms is not None and lat > b.max_latency_ms:
+        return f"latency {lat:.3f} ms > {b.max_latency_ms} ms"
+    if b.max_size_mb is not None and r["size_bytes"] > b.max_size_mb * 1e6:
+        return f"size {r['size_bytes'] / 1e6:.3f} MB > {b.max_size_mb} MB"
+    return None
+
+
+def choose(params: Params, entries: list[tuple[Path, dict[str, Any]]]) -> tuple[tuple | None, list[str]]:
+    """Best (folder, doc, precision, result) meeting the budgets: most accurate, then fastest."""
+    precisions = ["int8", "fp32"] if params.promote.precision == "any" else [params.promote.precision]
+    ok, rejected = [], []
+    for d, doc in entries:
+        for pr in precisions:
+            r = doc["results"][pr]
+            problem = budget_problem(params, r)
+            if problem:
+                rejected.append(f"{doc['candidate']}/{pr}: {problem}")
+            else:
+                lat = r["latency"].get("1", next(iter(r["latency"].values())))["p50_ms"]
+                ok.append(((-r["test_accuracy"], lat), (d, doc, pr, r)))
+    if not ok:
+        return None, rejected
+    return min(ok, key=lambda t: t[0])[1], rejected
+
+
+def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> StageResult:
+    """Decide and register per target; ``run_id`` is the MLflow run that stores the model files."""
+    entries = load_benchmarks(benchmarks)
+    by_target: dict[str, list] = {}
+    for d, doc in entries:
+        by_target.setdefault(doc["target"]["name"], []).append((d, doc))
+    decisions: list[dict[str, Any]] = []
+    tp = params.tracking
+    for target in params.targets:
+        group = by_target.get(target, [])
+        best, rejected = choose(params, group)
+        if best is None:
+            why = "; ".join(rejected) if rejected else "no benchmark results for this target"
+            decisions.append(
+                Decision(target, f"{tp.model_prefix}-{target}", alias_for(target), None, False, f"no candidate meets the budgets: {why}").as_dict()
+            )
+            continue
+        d, doc, precision, r = best
+        lat = r["latency"].get("1", next(iter(r["latency"].values())))["p50_ms"]
+        challenger = Challenger(
+            target=target,
+            files=Path(d) / "model" / precision,
+            accuracy=r["test_accuracy"],
+            latency_p50_ms=lat,
+            size_bytes=r["size_bytes"],
+            precision=precision,
+            candidate=doc["candidate"],
+            arch_str=doc["arch_str"],
+            tags={"nasforge.dvc_md5": doc.get("dvc_md5", "")} if doc.get("dvc_md5") else {},
+        )
+        model_name = f"{tp.model_prefix}-{target}".replace(":", "-")
+        decision = register_and_promote(
+            tp.uri, run_id, model_name, challenger, params.promote.accuracy_tolerance, params.promote.latency_tolerance
+        )
+        decisions.append(decision.as_dict())
+        verdict = "promoted" if decision.promoted else "not promoted"
+        print(f"  {target}: {model_name} v{decision.version} ({doc['candidate']}, {precision}) {verdict}: {decision.reason}", flush=True)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / PROMOTION_JSON).write_text(json.dumps({"decisions": decisions}, indent=2))
+    metrics = {"promoted": sum(1 for d in decisions if d["promoted"]), "targets": len(decisions)}
+    return StageResult(metrics=metrics, artifacts=[output / PROMOTION_JSON])

@@ -1,0 +1,60 @@
+"""prune: structured channel pruning with Torch-Pruning (channels physically removed), with
+fine-tuning between steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nasforge.config import Params
+from nasforge.data.prepared import load_prepared
+from nasforge.models import load_model, save_model
+from nasforge.space.cell import count_parameters
+from nasforge.stages import StageResult
+from nasforge.training import accuracy, fit
+
+
+def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult:
+    """Prune the model artifact ``model`` and write the smaller one to ``output``."""
+    pp = params.prune
+    net, meta = load_model(model)
+    data = load_prepared(dataset)
+    x_train, y_train = data.tensors("train")
+    x_val, y_val = data.tensors("val")
+    x_test, y_test = data.tensors("test")
+    before = {"val_accuracy": accuracy(net, x_val, y_val), "params": count_parameters(net)}
+    torch.manual_seed(params.run.seed)
+    epochs_per_step = max(1, pp.finetune_epochs // pp.steps) if pp.finetune_epochs else 0
+
+    def finetune(m: torch.nn.Module) -> None:
+        fit(m, x_train, y_train, epochs=epochs_per_step, batch_size=params.train.batch_size, lr=pp.lr, seed=params.run.seed)
+
+    if pp.channel_ratio > 0:
+        from nasforge.compress.prune import prune_structured
+
+        net, report = prune_structured(
+            net,
+            x_train[:2],
+            channel_ratio=pp.channel_ratio,
+            importance=pp.importance,
+            steps=pp.steps,
+            finetune=finetune if epochs_per_step else None,
+            example_data=(x_train[:256], y_train[:256]),
+        )
+    else:
+        report = {"skipped": True}
+    metrics = {
+        "val_accuracy_before": before["val_accuracy"],
+        "params_before": before["params"],
+        "val_accuracy": accuracy(net, x_val, y_val),
+        "test_accuracy": accuracy(net, x_test, y_test),
+        "params": count_parameters(net),
+    }
+    for k, v in report.items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            metrics[f"prune_{k}"] = v
+    meta["history"] = [*meta.get("history", []), {"stage": "prune", **metrics}]
+    save_model(net, output, meta)
+    print(f"  pruned {meta['candidate']}: params {before['params']} -> {metrics['params']}, val {before['val_accuracy']:.4f} -> {metrics['val_accuracy']:.4f}", flush=True)
+    return StageResult(metrics=metrics, tags={"candidate": meta["candidate"]}, model_dir=output, artifacts=[output / "model.json"])

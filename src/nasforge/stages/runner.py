@@ -1,0 +1,140 @@
+"""Run one stage the same way for every caller (CLI, KFP component, DVC via the CLI).
+
+The runner adds what the pure stage functions leave out: thread and seed settings, an atomic
+output folder (the stage writes into a hidden sibling that replaces ``output`` only on success, so
+a failure never leaves a half-written artifact), the stage's nested MLflow run with its metrics,
+tags and small artifacts, and the DVC hash of every produced model as a tag (pushed to the DVC
+remote when one is configured).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nasforge.config import Params
+from nasforge.stages import StageResult
+
+STAGE_MODULES = {
+    "prepare-data": "prepare_data",
+    "search": "search",
+    "train": "train",
+    "prune": "prune",
+    "qat": "qat",
+    "export": "export",
+    "benchmark": "benchmark",
+    "promote": "promote",
+    "report": "report",
+}
+# Stages whose output is a dataset or model that DVC should version and MLflow should reference.
+VERSIONED = {"prepare-data", "search", "train", "prune", "qat", "export"}
+
+
+def stage_function(stage: str) -> Callable[..., StageResult]:
+    """The ``run`` function of a stage module."""
+    import importlib
+
+    return importlib.import_module(f"nasforge.stages.{STAGE_MODULES[stage]}").run
+
+
+def _seed_everything(seed: int, threads: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def _replace_dir(tmp: Path, output: Path) -> None:
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+        output.rename(old)
+        tmp.rename(output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(output)
+
+
+def execute(
+    stage: str,
+    params: Params,
+    output: Path,
+    *,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    tracking: bool = True,
+    **inputs: Any,
+) -> StageResult:
+    """Run ``stage`` with ``inputs`` and write its artifact to ``output``.
+
+    Args:
+        stage: One of :data:`nasforge.stages.STAGES`.
+        params: The validated configuration.
+        output: Output folder (replaced atomically on success).
+        parent_run_id: MLflow run to nest this stage's run under.
+        run_name: Name of the stage's MLflow run (defaults to the stage name).
+        tracking: Log to MLflow (always on in pipelines; tests may switch it off).
+        **inputs: The stage's input artifact paths and options.
+
+    Returns:
+        The stage's result.
+    """
+    fn = stage_function(stage)
+    output = Path(output).absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
+    _seed_everything(params.run.seed, params.run.threads)
+    label = run_name or stage
+    print(f"==> [{label}] started", flush=True)
+    t0 = time.perf_counter()
+
+    def call(run_id: str | None) -> StageResult:
+        kwargs = dict(inputs)
+        if "run_id" in inspect.signature(fn).parameters:
+            kwargs["run_id"] = run_id
+        try:
+            result = fn(params, output=tmp, **kwargs)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _replace_dir(tmp, output)
+        # Paths the stage reported under the temporary folder now live under ``output``.
+        result.artifacts = [output / Path(a).relative_to(tmp) if tmp in Path(a).parents else Path(a) for a in result.artifacts]
+        if result.model_dir is not None:
+            result.model_dir = output
+        return result
+
+    if not tracking:
+        result = call(None)
+    else:
+        from nasforge.tracking.mlflow_runs import stage_run
+
+        tp = params.tracking
+        with stage_run(tp.uri, tp.experiment, stage, parent_run_id, run_name=label) as run:
+            run.set_tags({"nasforge.output": str(output), **{k: v for k, v in inputs.items() if isinstance(v, str | int)}})
+            result = call(run.run_id)
+            seconds = time.perf_counter() - t0
+            run.log_metrics({**result.metrics, "stage_seconds": seconds})
+            tags = dict(result.tags)
+            if stage in VERSIONED and result.model_dir is not None:
+                from nasforge.tracking.dvc import push
+
+                # Pushing returns the same md5 that `dvc add` / dvc.lock would record.
+                tags["dvc.md5"] = push(result.model_dir, Path(tp.dvc_remote).absolute())
+                tags["dvc.remote"] = str(Path(tp.dvc_remote).absolute())
+            run.set_tags(tags)
+            for art in result.artifacts:
+                if Path(art).exists():
+                    run.log_artifact(art)
+    print(f"==> [{label}] done in {time.perf_counter() - t0:.1f}s", flush=True)
+    return result

@@ -1,0 +1,248 @@
+"""search: train a weight-sharing supernet, then search its subnets for the Pareto set.
+
+Objectives (all minimised): validation error of the subnet with inherited weights (after BN
+recalibration), latency on every target (measured here for runtime targets, looked up for table
+targets), and parameter count. The search is an Optuna study whose sampler comes from
+:func:`nasforge.search.samplers.make_sampler` — the same strategy code as the tabular benchmark —
+stored in SQLite in the output folder, so a killed search resumes without re-evaluating trials.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from safetensors.torch import save_file
+
+from nasforge.config import Params
+from nasforge.data.prepared import load_prepared
+from nasforge.hardware.targets import Target, get_target
+from nasforge.search.pareto import non_domination_rank
+from nasforge.search.samplers import make_sampler
+from nasforge.space.cell import CellNetworkShape, count_parameters
+from nasforge.space.nb201 import OPS, PARAM_NAMES, CellSpec, search_space
+from nasforge.stages import StageResult
+from nasforge.supernet.cell_supernet import (
+    LARGEST_SPEC,
+    CellSupernet,
+    recalibrate_bn,
+    train_supernet_uniform,
+)
+from nasforge.training import accuracy
+
+STUDY_NAME = "nasforge-search"
+
+
+def network_shape(params: Params, input_shape: tuple[int, ...], num_classes: int) -> CellNetworkShape:
+    """The network shape the search space is built with."""
+    return CellNetworkShape(
+        in_channels=input_shape[0],
+        num_classes=num_classes,
+        channels=params.space.channels,
+        cells_per_stage=params.space.cells_per_stage,
+    )
+
+
+def resolve_targets(names: list[str]) -> list[Target]:
+    """Look up every target and check it can be used here (one-line TargetError otherwise)."""
+    targets = [get_target(n) for n in names]
+    for t in targets:
+        t.check_available()
+    return targets
+
+
+class SubnetEvaluator:
+    """Scores subnets of a trained supernet on every objective; caches repeated specs."""
+
+    def __init__(self, supernet: CellSupernet, params: Params, data, targets: list[Target]) -> None:
+        self.supernet = supernet
+        self.params = params
+        self.targets = targets
+        self.x_train, _ = data.tensors("train")
+        self.x_val, self.y_val = data.tensors("val")
+        self.input_shape = data.input_shape
+        self.cache: dict[str, dict[str, float]] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="nasforge-search-")
+
+    def objective_names(self) -> list[str]:
+        """Names of the objectives, in the study's order."""
+        return ["val_error"] + [f"latency_ms[{t.name}]" for t in self.targets] + ["params"]
+
+    def _latency(self, target: Target, subnet: torch.nn.Module, spec: CellSpec) -> float:
+        if target.kind == "table":
+            return float(target.lookup(spec.arch_str))
+        from nasforge.bench.timing_export import export_for_timing
+
+        onnx_path = Path(self._tmp.name) / "subnet.onnx"
+        export_for_timing(subnet, self.input_shape, onnx_path)
+        res = target.measure(
+            onnx_path,
+            batch_size=self.params.search.latency_batch_size,
+            input_shape=self.input_shape,
+            warmup=3,
+            repeats=self.params.search.latency_repeats,
+            threads=self.params.run.threads,
+        )
+        return float(res.p50_ms)
+
+    def evaluate(self, spec: CellSpec) -> dict[str, float]:
+        """All objective values of ``spec`` (cached by ``arch_str``)."""
+        if spec.arch_str in self.cache:
+            return self.cache[spec.arch_str]
+        self.supernet.set_active_subnet(spec)
+        subnet = self.supernet.get_active_subnet()
+        nb = self.params.search.bn_recalibration_batches
+        if nb:
+            bs = self.params.search.batch_size
+            recalibrate_bn(subnet, [self.x_train[i * bs : (i + 1) * bs] for i in range(nb)])
+        values = {"val_error": 1.0 - accuracy(subnet, self.x_val, self.y_val)}
+        for t in self.targets:
+            values[f"latency_ms[{t.name}]"] = self._latency(t, subnet, spec)
+        values["params"] = float(count_parameters(subnet))
+        self.cache[spec.arch_str] = values
+        return values
+
+
+def select_candidates(records: list[dict[str, Any]], names: list[str], k: int) -> list[dict[str, Any]]:
+    """Pick up to ``k`` candidates: the first non-dominated front, spread over accuracy, then the next
+    fronts if the first is smaller than ``k``. Each record gets its ``rank``."""
+    losses = np.array([[r["objectives"][n] for n in names] for r in records], dtype=float)
+    ranks = non_domination_rank(losses)
+    for r, rank in zip(records, ranks, strict=True):
+        r["rank"] = int(rank)
+    chosen: list[dict[str, Any]] = []
+    for rank in sorted(set(int(x) for x in ranks)):
+        front = sorted((r for r in records if r["rank"] == rank), key=lambda r: r["objectives"]["val_error"])
+        need = k - len(chosen)
+        if need <= 0:
+            break
+        if len(front) <= need:
+            chosen.extend(front)
+        else:
+            # Evenly spaced along the front, always keeping its most accurate member.
+            idx = np.unique(np.round(np.linspace(0, len(front) - 1, need)).astype(int))
+            chosen.extend(front[i] for i in idx)
+    return chosen
+
+
+def run(params: Params, dataset: Path, output: Path) -> StageResult:
+    """Train the supernet on ``dataset`` and write the Pareto candidates to ``output``."""
+    sp = params.search
+    targets = resolve_targets(params.targets)
+    data = load_prepared(dataset)
+    torch.manual_seed(params.run.seed)
+    shape = network_shape(params, data.input_shape, data.num_classes)
+    supernet = CellSupernet(shape)
+    x_train, y_train = data.tensors("train")
+
+    t0 = time.perf_counter()
+    losses = train_supernet_uniform(
+        supernet,
+        x_train,
+        y_train,
+        epochs=sp.supernet_epochs,
+        batch_size=sp.batch_size,
+        lr=sp.lr,
+        weight_decay=sp.weight_decay,
+        seed=params.run.seed,
+        log_every=max(1, sp.supernet_epochs // 5),
+    )
+    supernet_seconds = time.perf_counter() - t0
+    output.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in supernet.state_dict().items()}, str(output / "supernet.safetensors"))
+
+    evaluator = SubnetEvaluator(supernet, params, data, targets)
+    names = evaluator.objective_names()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=STUDY_NAME,
+        storage=f"sqlite:///{output / 'study.db'}",
+        directions=["minimize"] * len(names),
+        sampler=make_sampler(sp.strategy, params.run.seed, search_space=search_space()),
+        load_if_exists=True,
+    )
+    study.set_metric_names(names)
+    distributions = {n: optuna.distributions.CategoricalDistribution(list(OPS)) for n in PARAM_NAMES}
+
+    # The largest subnet is the distillation teacher; evaluating it first also anchors the front.
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        study.enqueue_trial({n: op for n, op in zip(PARAM_NAMES, LARGEST_SPEC.ops, strict=True)})
+    t1 = time.perf_counter()
+    while len(done) < sp.trials:
+        trial = study.ask(distributions)
+        spec = CellSpec(tuple(trial.params[n] for n in PARAM_NAMES))
+        values = evaluator.evaluate(spec)
+        study.tell(trial, [values[n] for n in names])
+        trial_no = len(done) + 1
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if trial_no % max(1, sp.trials // 5) == 0 or trial_no == sp.trials:
+            print(f"  search trial {trial_no}/{sp.trials}: {spec.arch_str} err={values['val_error']:.3f}", flush=True)
+    search_seconds = time.perf_counter() - t1
+
+    records = []
+    for t in done:
+        spec = CellSpec(tuple(t.params[n] for n in PARAM_NAMES))
+        records.append(
+            {
+                "trial": t.number,
+                "arch_str": spec.arch_str,
+                "ops": list(spec.ops),
+                "objectives": dict(zip(names, t.values, strict=True)),
+            }
+        )
+    candidates = select_candidates(records, names, sp.max_candidates)
+    pareto = {
+        "objectives": names,
+        "shape": shape.to_dict(),
+        "teacher": {"arch_str": LARGEST_SPEC.arch_str},
+        "targets": [t.describe() for t in targets],
+        "candidates": [{"id": f"cand-{i}", **c} for i, c in enumerate(candidates)],
+        "front": [r for r in records if r["rank"] == 0],
+        "energy": "estimated or not modelled in search; measured energy is reported by benchmark",
+    }
+    (output / "pareto.json").write_text(json.dumps(pareto, indent=2))
+    (output / "history.json").write_text(
+        json.dumps({"supernet_loss": losses, "trials": records, "strategy": sp.strategy}, indent=2)
+    )
+    best = min(records, key=lambda r: r["objectives"]["val_error"])
+    print(f"  Pareto front: {len(pareto['front'])} subnets; {len(candidates)} candidates", flush=True)
+    return StageResult(
+        metrics={
+            "supernet_seconds": supernet_seconds,
+            "search_seconds": search_seconds,
+            "trials": len(records),
+            "unique_subnets": len(evaluator.cache),
+            "front_size": len(pareto["front"]),
+            "candidates": len(candidates),
+            "best_val_accuracy": 1.0 - best["objectives"]["val_error"],
+        },
+        tags={"strategy": sp.strategy, "best_arch_str": best["arch_str"]},
+        model_dir=output,
+        artifacts=[output / "pareto.json", output / "history.json"],
+    )
+
+
+def load_pareto(search_dir: Path) -> dict[str, Any]:
+    """Read ``pareto.json`` written by :func:`run`."""
+    from nasforge.errors import ModelFileError
+
+    f = Path(search_dir) / "pareto.json"
+    if not f.is_file():
+        raise ModelFileError(f"not a search output (no pareto.json): {search_dir}")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelFileError(f"corrupt {f}: {err}") from None
+
+
+def random_spec(seed: int) -> CellSpec:
+    """A reproducible random cell (used by tests and tools)."""
+    return CellSupernet.sample_spec(random.Random(seed))

@@ -1,0 +1,162 @@
+"""MLflow runs: one parent run per pipeline run, one nested run per stage task.
+
+Everything goes through :class:`mlflow.MlflowClient` with explicit run ids, never the fluent
+"active run" state, because each stage runs in its own process (KFP task, DVC stage, CLI call).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from nasforge.errors import TrackingError
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def _quiet_mlflow() -> None:
+    # Alembic/MLflow print migration chatter for every new SQLite connection.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import logging
+
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.store"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast with one line when the tracking store cannot be used.
+
+    Raises:
+        TrackingError: An HTTP server does not answer its health check, or a SQLite file's folder
+            does not exist.
+    """
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - user's server
+                if resp.status != 200:
+                    raise TrackingError(f"MLflow tracking server {uri} answered {resp.status} on /health")
+        except (urllib.error.URLError, OSError, TimeoutError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable: {reason}") from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.parent.exists():
+            raise TrackingError(f"MLflow SQLite folder does not exist: {db.parent}")
+
+
+def client(uri: str):
+    """An :class:`mlflow.MlflowClient` for ``uri`` (registry on the same store)."""
+    _quiet_mlflow()
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """Id of experiment ``name``, created if missing."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        # Artifacts beside the database, not in ./mlruns of whatever folder a task runs in.
+        location = (Path(uri.removeprefix("sqlite:///")).absolute().parent / "mlartifacts").as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - another process created it first
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested params into ``section.field`` keys with string values."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list | tuple) else str(v)
+    return out
+
+
+def open_parent_run(uri: str, experiment: str, run_name: str, params: Mapping[str, Any]) -> str:
+    """Create the parent run of a pipeline run; return its id."""
+    check_reachable(uri)
+    c = client(uri)
+    run = c.create_run(
+        experiment_id(uri, experiment), run_name=run_name, tags={"nasforge.kind": "pipeline"}
+    )
+    for k, v in flatten(params).items():
+        c.log_param(run.info.run_id, k, v[:6000])
+    return run.info.run_id
+
+
+def close_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark a run finished (or FAILED)."""
+    client(uri).set_terminated(run_id, status=status)
+
+
+class StageRun:
+    """Handle to a stage's MLflow run, passed to the caller of :func:`stage_run`."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self._client = client(uri)
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Log numeric metrics (non-numeric values are skipped)."""
+        for k, v in metrics.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                self._client.log_metric(self.run_id, k, float(v))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set string tags."""
+        for k, v in tags.items():
+            self._client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file or folder."""
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+@contextmanager
+def stage_run(
+    uri: str,
+    experiment: str,
+    stage: str,
+    parent_run_id: str | None,
+    run_name: str | None = None,
+) -> Iterator[StageRun]:
+    """Open the run of one stage task, nested under ``parent_run_id`` when given.
+
+    The run is marked FAILED if the body raises.
+    """
+    check_reachable(uri)
+    c = client(uri)
+    tags = {"nasforge.stage": stage}
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    run = c.create_run(experiment_id(uri, experiment), run_name=run_name or stage, tags=tags)
+    handle = StageRun(uri, run.info.run_id)
+    try:
+        yield handle
+    except BaseException:
+        c.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    c.set_terminated(run.info.run_id, status="FINISHED")

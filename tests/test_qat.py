@@ -1,0 +1,187 @@
+"""INT8 QAT/PTQ with torchao pt2e on a tiny cell-structured CNN and sklearn digits."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from compress_helpers import accuracy, digits, qat_bundle, trained_tiny
+
+from nasforge.compress import qat
+from nasforge.errors import ModelFileError
+
+
+def _cpuinfo(tmp_path: Path, flags: str) -> Path:
+    p = tmp_path / "cpuinfo"
+    p.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse2 avx2 {flags}\n\n")
+    return p
+
+
+def test_scheme_full_range_with_vnni(tmp_path: Path) -> None:
+    s = qat.detect_quant_scheme("qat", cpuinfo=_cpuinfo(tmp_path, "avx512f avx512_vnni"))
+    assert (s.reduce_range, s.activation_bits, s.vnni_flags) == (False, 8, ("avx512_vnni",))
+
+
+def test_scheme_reduce_range_without_vnni(tmp_path: Path) -> None:
+    s = qat.detect_quant_scheme("ptq", cpuinfo=_cpuinfo(tmp_path, "avx512f avx512bw"))
+    assert s.reduce_range and s.activation_bits == 7 and "lacks VNNI" in s.reason
+    assert s.as_dict()["method"] == "ptq"
+    json.dumps(s.as_dict())  # recordable as is
+
+
+def test_scheme_unreadable_cpuinfo_is_conservative(tmp_path: Path) -> None:
+    s = qat.detect_quant_scheme(cpuinfo=tmp_path / "missing")
+    assert s.reduce_range and "unreadable" in s.reason
+
+
+def test_scheme_forced(tmp_path: Path) -> None:
+    s = qat.detect_quant_scheme(reduce_range=True, cpuinfo=_cpuinfo(tmp_path, "avx_vnni"))
+    assert s.reduce_range and "forced" in s.reason
+
+
+def _activation_qmax(gm: torch.fx.GraphModule) -> set[int]:
+    target = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    return {int(n.args[4]) for n in gm.graph.nodes if n.target == target}
+
+
+def test_qat_converts_to_qdq_graph_and_keeps_accuracy() -> None:
+    x, y, xt, yt = digits()
+    model, result = qat_bundle()
+    assert result.scheme["method"] == "qat" and len(result.losses) == 1
+    targets = {str(n.target) for n in result.model.graph.nodes}
+    assert "quantized_decomposed.quantize_per_tensor.default" in targets
+    assert "quantized_decomposed.dequantize_per_channel.default" in targets
+    acc_fp32 = accuracy(model, xt, yt)
+    acc_int8 = accuracy(result.model, xt, yt)
+    assert acc_fp32 > 0.9
+    assert acc_int8 >= acc_fp32 - 0.03, (acc_fp32, acc_int8)
+    # dynamic batch on the converted graph
+    with torch.no_grad():
+        assert result.model(torch.from_numpy(xt[:1])).shape == (1, 10)
+        assert result.model(torch.from_numpy(xt[:7])).shape == (7, 10)
+
+
+def test_qat_with_callback_and_reduce_range() -> None:
+    x, y, xt, yt = digits()
+    calls = []
+
+    def train(prepared: torch.fx.GraphModule) -> None:
+        calls.append(qat.finetune_qat(prepared, x[:128], y[:128], epochs=1))
+
+    result = qat.quantize_qat(trained_tiny(), torch.from_numpy(x[:4]), train, reduce_range=True)
+    assert len(calls) == 1 and result.scheme["reduce_range"] is True
+    assert _activation_qmax(result.model) == {127}  # 7-bit activations in the graph
+    assert accuracy(result.model, xt, yt) > 0.85
+
+
+def test_ptq_beside_qat() -> None:
+    x, y, xt, yt = digits()
+    model = trained_tiny()
+    result = qat.ptq(model, torch.from_numpy(x[:8]), x[:256], reduce_range=False)
+    assert result.scheme["method"] == "ptq" and result.losses == []
+    assert _activation_qmax(result.model) == {255}
+    assert accuracy(result.model, xt, yt) >= accuracy(model, xt, yt) - 0.05
+
+
+def test_save_load_roundtrip(tmp_path: Path) -> None:
+    x, _, xt, _ = digits()
+    _, result = qat_bundle()
+    path = qat.save_quantized(result.model, torch.from_numpy(x[:8]), tmp_path / "m.pt2", {"k": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]  # no temp file left
+    loaded = qat.load_quantized(path).module()
+    with torch.no_grad():
+        a = result.model(torch.from_numpy(xt)).numpy()
+        b = loaded(torch.from_numpy(xt)).numpy()
+        assert loaded(torch.from_numpy(xt[:3])).shape == (3, 10)
+    np.testing.assert_array_equal(a, b)
+    meta = qat.read_quantized_meta(path)
+    assert meta["k"] == 1 and meta["quant_scheme"]["method"] == "qat"
+
+
+def _rewrite(src: Path, dst: Path, edit) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = edit(info.filename, zin.read(info.filename))
+            if data is not None:
+                zout.writestr(info, data)
+
+
+@pytest.fixture(scope="module")
+def saved_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    x, _, _, _ = digits()
+    _, result = qat_bundle()
+    return qat.save_quantized(
+        result.model, torch.from_numpy(x[:8]), tmp_path_factory.mktemp("q") / "m.pt2"
+    )
+
+
+def test_load_truncated_raises_model_file_error(saved_pt2: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(saved_pt2.read_bytes()[: saved_pt2.stat().st_size // 2])
+    with pytest.raises(ModelFileError) as err:
+        qat.load_quantized(bad)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ModelFileError):
+        qat.load_quantized(tmp_path / "missing.pt2")
+
+
+def _edit_model_json(fn):
+    def edit(name: str, data: bytes) -> bytes:
+        if name.endswith("models/model.json"):
+            program = json.loads(data)
+            fn(program)
+            return json.dumps(program).encode()
+        return data
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda p: p.__setitem__("guards_code", ["__import__('os').system('true')"]),
+        lambda p: p["graph_module"]["graph"]["nodes"][0].__setitem__(
+            "target", "torch.serialization.os.system"
+        ),
+    ],
+    ids=["guard-code", "foreign-operator"],
+)
+def test_load_refuses_code_carrying_archives(saved_pt2: Path, tmp_path: Path, mutate) -> None:
+    bad = tmp_path / "evil.pt2"
+    _rewrite(saved_pt2, bad, _edit_model_json(mutate))
+    with pytest.raises(ModelFileError, match="refusing to load"):
+        qat.load_quantized(bad)
+
+
+def test_load_refuses_pickled_payloads(saved_pt2: Path, tmp_path: Path) -> None:
+    def edit(name: str, data: bytes) -> bytes:
+        if name.endswith("model_weights_config.json"):
+            config = json.loads(data)
+            next(iter(config["config"].values()))["use_pickle"] = True
+            return json.dumps(config).encode()
+        return data
+
+    bad = tmp_path / "pickled.pt2"
+    _rewrite(saved_pt2, bad, edit)
+    with pytest.raises(ModelFileError, match="pickled"):
+        qat.load_quantized(bad)
+    extra = tmp_path / "extra.pt2"
+    _rewrite(saved_pt2, extra, lambda n, d: d)
+    with zipfile.ZipFile(extra, "a") as z:
+        z.writestr("m/data/aotinductor/model/model.so", b"\x7fELF")
+    with pytest.raises(ModelFileError, match="unexpected entry"):
+        qat.load_quantized(extra)
+
+
+def test_fast_pattern_capture_restores_torchao() -> None:
+    from torchao.quantization.pt2e import qat_utils, utils
+
+    before = utils._get_aten_graph_module_for_pattern
+    with qat.fast_pattern_capture():
+        assert utils._get_aten_graph_module_for_pattern is qat._capture_pattern
+        assert qat_utils._get_aten_graph_module_for_pattern is qat._capture_pattern
+    assert utils._get_aten_graph_module_for_pattern is before
