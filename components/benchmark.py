@@ -27,6 +27,6 @@ def benchmark(
         parent_run_id=parent_run_id,
         run_name=f"benchmark-{target}",
         dataset=Path(dataset.path),
-        exported=Path(exported.path),
+        exported=[Path(exported.path)],
         target=target,
     )

@@ -1,8 +1,12 @@
 """The nasforge DAG.
 
-prepare-data -> search -> ParallelFor(candidate) [train -> prune -> qat -> export ->
-ParallelFor(target) benchmark] -> Collected -> promote -> report. A first task opens the parent
-MLflow run; every stage task nests its own run under it.
+prepare-data -> search -> ParallelFor(candidate)[train -> prune -> qat -> export ->
+ParallelFor(target)[benchmark] -> collect] -> Collected -> promote -> report. A first task opens the
+parent MLflow run; every stage task nests its own run under it.
+
+``collect`` gathers each candidate's inner loop: ``Collected`` of a nested ``ParallelFor`` reaches
+its consumer as a list of lists, which kfp.local cannot pass on (and a ``Collected`` consumed
+inside another loop does not compile).
 """
 
 
@@ -12,6 +16,7 @@ from kfp import compiler, dsl
 from kfp.dsl import Artifact
 
 from nasforge.components.benchmark import benchmark
+from nasforge.components.collect import collect
 from nasforge.components.export import export
 from nasforge.components.prepare_data import prepare_data
 from nasforge.components.promote import promote
@@ -61,17 +66,18 @@ def nasforge_pipeline(
                 dataset=data.outputs["dataset"],
                 exported=exported.outputs["exported"],
             )
+        gathered = collect(results=dsl.Collected(measured.outputs["result"]))
     promoted = promote(
         params_json=params_json,
         parent_run_id=parent,
-        benchmarks=dsl.Collected(measured.outputs["result"]),
+        benchmarks=dsl.Collected(gathered.outputs["collected"]),
     ).set_caching_options(False)
     reported = report(
         params_json=params_json,
         parent_run_id=parent,
         search=found.outputs["search"],
         promotion=promoted.outputs["promotion"],
-        benchmarks=dsl.Collected(measured.outputs["result"]),
+        benchmarks=dsl.Collected(gathered.outputs["collected"]),
     ).set_caching_options(False)
     return reported.outputs["report"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from compress_helpers import digits, qat_bundle, trained_tiny
+from compress_helpers import accuracy, digits, qat_bundle, trained_tiny
 
 from nasforge.compress.qat import save_quantized
 from nasforge.errors import ModelFileError
@@ -163,3 +163,53 @@ def test_lead_cell_network_exports_with_parity(tmp_path: Path) -> None:
     for runtime in ("onnxruntime", "openvino"):
         report = check_parity(net, path, x, runtime, batch_size=16)
         assert report["top1_agreement"] >= 0.99 and report["max_abs_diff"] < 1e-3, report
+
+
+def test_conv_bn_folding_matches_exporter(tmp_path: Path) -> None:
+    from nasforge.compress.transform import count_batchnorm, fold_conv_bn
+
+    x, _, xt, _ = digits()
+    model = trained_tiny()
+    folded, n = fold_conv_bn(model)
+    assert n == 7 and count_batchnorm(folded) == 1 and count_batchnorm(model) == 8
+    with torch.no_grad():
+        diff = (folded(torch.from_numpy(xt)) - model(torch.from_numpy(xt))).abs().max()
+    assert float(diff) < 1e-4
+    a = onnx_export.export_fp32(model, torch.from_numpy(x[:4]), tmp_path / "a.onnx")
+    b = onnx_export.export_fp32(folded, torch.from_numpy(x[:4]), tmp_path / "b.onnx")
+    # the exporter already folds Conv->BN: only the BN after a sum is left, in both graphs
+    assert onnx_export.op_counts(a) == onnx_export.op_counts(b)
+    assert onnx_export.op_counts(a)["BatchNormalization"] == 1
+
+
+@pytest.mark.slow
+def test_lead_cell_network_pruned_qat_int8_end_to_end(tmp_path: Path) -> None:
+    cell = pytest.importorskip("nasforge.space.cell")
+    from nasforge.compress.prune import prune_structured
+    from nasforge.compress.qat import quantize_qat
+    from nasforge.space.nb201 import CellSpec
+
+    x, y, xt, yt = digits()
+    spec = CellSpec(
+        ("nor_conv_3x3", "skip_connect", "nor_conv_1x1", "avg_pool_3x3", "none", "nor_conv_3x3")
+    )
+    torch.manual_seed(0)
+    net = cell.build_cell_network(spec, cell.CellNetworkShape(1, 10, channels=8, stages=2))
+    from compress_helpers import train
+
+    train(net, x[:1000], y[:1000], epochs=3)
+    net, _ = prune_structured(
+        net,
+        torch.from_numpy(x[:4]),
+        channel_ratio=0.25,
+        finetune=lambda m: train(m, x[:1000], y[:1000], epochs=2, lr=1e-3),
+    )
+    acc_pruned = accuracy(net, xt, yt)
+    result = quantize_qat(net, torch.from_numpy(x[:8]), (x[:512], y[:512]), epochs=1)
+    assert accuracy(result.model, xt, yt) >= acc_pruned - 0.05
+    pt2 = save_quantized(result.model, torch.from_numpy(x[:8]), tmp_path / "m.pt2")
+    path = onnx_export.export_int8(pt2, torch.from_numpy(x[:8]), tmp_path / "m.onnx")
+    assert onnx_export.op_counts(path)["QuantizeLinear"] > 0
+    for runtime in ("onnxruntime", "openvino"):
+        report = check_parity(result.model, path, xt, runtime)
+        assert report["passed"], (runtime, report)

@@ -124,3 +124,41 @@ def test_system_info_fields():
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists() and " avx2 " in cpuinfo.read_text():
         assert "avx2" in info["isa_flags"]
+
+
+@pytest.fixture(scope="module")
+def int8_model(tiny_model: tuple[Path, torch.nn.Module], tmp_path_factory) -> Path:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            self.batches = iter([{"x": rng.standard_normal((1, 1, 8, 8)).astype(np.float32)}] * 4)
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    out = tmp_path_factory.mktemp("q") / "two_conv_int8.onnx"
+    quantize_static(
+        str(tiny_model[0]),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return out
+
+
+@pytest.mark.parametrize("target", ["onnxruntime-cpu-int8", "openvino-cpu-int8", "openvino-cpu"])
+def test_int8_qdq_model(int8_model: Path, target: str):
+    r = measure(int8_model, target, batch_size=2, warmup=1, repeats=3, threads=1)
+    assert r.precision == "int8"
+    if r.runtime == "openvino":
+        # OpenVINO runs the quantized convolutions in integer precision
+        assert "i8" in r.executed_precision or "u8" in r.executed_precision

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -65,11 +66,9 @@ def test_bad_ops_rejected() -> None:
 def test_json_round_trip_and_consistency_check() -> None:
     spec = CellSpec.from_arch_str(EXAMPLE)
     assert CellSpec.from_json(spec.to_json()) == spec
-    assert CellSpec.from_json('{"arch_str": "%s"}' % EXAMPLE) == spec
+    assert CellSpec.from_json(json.dumps({"arch_str": EXAMPLE})) == spec
     with pytest.raises(ConfigError, match="disagrees"):
-        CellSpec.from_json(
-            '{"ops": ["none","none","none","none","none","none"], "arch_str": "%s"}' % EXAMPLE
-        )
+        CellSpec.from_json(json.dumps({"ops": ["none"] * 6, "arch_str": EXAMPLE}))
     with pytest.raises(ConfigError, match="not valid JSON"):
         CellSpec.from_json("{")
 

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="measure exported models on a target")
     _common(p)
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--exported", type=Path, required=True)
+    p.add_argument("--exported", type=Path, nargs="+", required=True, help="export folders (one per candidate)")
     p.add_argument("--target", required=True)
     p = sub.add_parser("promote", help="register the best model per target and gate the champion")
     _common(p)

@@ -86,6 +86,14 @@ def _example(example_input: torch.Tensor) -> torch.Tensor:
     return x[:8].clone().contiguous()
 
 
+def _rename_dim(model: onnx.ModelProto, old: str, new: str) -> None:
+    graph = model.graph
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == old:
+                dim.dim_param = new
+
+
 def _save_checked(program: Any, path: Path, require_qdq: bool) -> Path:
     with atomic_output(path, suffix=".onnx") as tmp:
         # external_data=False: one self-contained file (our models are far below protobuf's 2 GB)
@@ -95,6 +103,10 @@ def _save_checked(program: Any, path: Path, require_qdq: bool) -> Path:
         dim = model.graph.input[0].type.tensor_type.shape.dim[0]
         if not dim.dim_param:
             raise RuntimeError(f"ONNX export lost the dynamic batch dimension ({dim})")
+        if dim.dim_param != BATCH_DIM_NAME:
+            # a reloaded ExportedProgram names it after its symbol (s77): give it a stable name
+            _rename_dim(model, dim.dim_param, BATCH_DIM_NAME)
+            onnx.save(model, str(tmp))
         if require_qdq:
             counts = Counter(n.op_type for n in model.graph.node)
             if not all(counts.get(op) for op in QDQ_OPS):

@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from nasforge.errors import ConfigError
-from nasforge.space.cell import CellNetworkShape, ResidualReduction, build_cell_network, make_op
+from nasforge.space.cell import (
+    CellNetworkShape,
+    ReLUConvBN,
+    ResidualReduction,
+    build_cell_network,
+    make_op,
+)
 from nasforge.space.nb201 import EDGES, N_NODES, OPS, CellSpec, active_edges
 
 
@@ -85,6 +91,16 @@ class _Baseline(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return x[:, :1, :1, :1] + 1.0
+
+
+def _op_without_relu(op: str, channels: int) -> nn.Module:
+    """A cell op as profiled: conv ops without their leading ReLU (counted once per source
+    node as a ``relu`` block, since runtimes merge the identical ReLUs of sibling edges)."""
+    module = make_op(op, channels)
+    assert module is not None
+    if isinstance(module, ReLUConvBN):
+        return nn.Sequential(*list(module.op.children())[1:])
+    return module
 
 
 def _conv_out(size: int) -> int:
@@ -208,9 +224,10 @@ class CellBlockSpace(BlockSpace):
             for op in OPS:
                 if op in ("none", "skip_connect"):
                     continue  # no computation: an Identity is removed by every exporter
-                make: Callable[[], nn.Module] = functools.partial(make_op, op, c)  # type: ignore[assignment]
+                make: Callable[[], nn.Module] = functools.partial(_op_without_relu, op, c)
                 out.append(Block(f"op:{op}:c{c}:{h}x{w}", make, (c, h, w), chainable=True))
             out.append(Block(f"add:c{c}:{h}x{w}", _Add, (c, h, w), chainable=True))
+            out.append(Block(f"relu:c{c}:{h}x{w}", nn.ReLU, (c, h, w)))
             out.append(Block(f"zeros:c{c}:{h}x{w}", _Zeros, (c, h, w)))
             prev = (c, h, w)
         c, h, w = self._stages()[-1]
@@ -237,15 +254,35 @@ class CellBlockSpace(BlockSpace):
         ]
         # Nodes whose value is used: the output and every node some computed edge reads.
         used = {N_NODES - 1} | {src for k, (_d, src) in enumerate(EDGES) if computed[k]}
+        # A node whose only input is a skip_connect *is* its source node: ops on both are
+        # common subexpressions.
+        same_as = list(range(N_NODES))
+        for node in range(1, N_NODES):
+            ins = [k for k, (d, _s) in enumerate(EDGES) if d == node and computed[k]]
+            if len(ins) == 1 and spec.ops[ins[0]] == "skip_connect":
+                same_as[node] = same_as[EDGES[ins[0]][1]]
         prev: tuple[int, int, int] | None = None
         for c, h, w in self._stages():
             if prev is not None:
                 pc, ph, pw = prev
                 counts[f"reduction:{pc}->{c}:{ph}x{pw}"] += 1
             per_cell: Counter[str] = Counter()
+            # Exporters and runtimes eliminate common subexpressions: a parameter-free op
+            # (avg_pool) or the ReLU in front of convs runs once per source node, not per edge.
+            pooled, relu_srcs = set(), set()
             for k, op in enumerate(spec.ops):
-                if computed[k] and op != "skip_connect":
+                if not computed[k] or op == "skip_connect":
+                    continue
+                src = same_as[EDGES[k][1]]
+                if op == "avg_pool_3x3":
+                    pooled.add(src)
+                else:
                     per_cell[f"op:{op}:c{c}:{h}x{w}"] += 1
+                    relu_srcs.add(src)
+            if pooled:
+                per_cell[f"op:avg_pool_3x3:c{c}:{h}x{w}"] += len(pooled)
+            if relu_srcs:
+                per_cell[f"relu:c{c}:{h}x{w}"] += len(relu_srcs)
             for node in range(1, N_NODES):
                 if node not in used:
                     continue

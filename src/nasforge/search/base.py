@@ -214,4 +214,3 @@ class ArchSampler(BaseSampler):
                 return x
             x = self._random_index(choices, None if _ % 2 else prior)
         return x
-

@@ -32,7 +32,9 @@ __all__ = [
 def _as_2d(losses: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
     arr = np.asarray(losses, dtype=float)
     if arr.ndim != 2:
-        raise ConfigError(f"losses must be a 2-D array (points x objectives), got shape {arr.shape}")
+        raise ConfigError(
+            f"losses must be a 2-D array (points x objectives), got shape {arr.shape}"
+        )
     if arr.size and not np.all(np.isfinite(arr)):
         raise ConfigError("losses contain NaN or infinite values")
     return arr

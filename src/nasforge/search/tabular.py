@@ -191,11 +191,14 @@ def search_table(
     study_name: str | None = None,
     on_evaluate: Callable[[int, int], None] | None = None,
     prior: dict[str, dict[str, float]] | None = None,
+    sampler_kwargs: dict[str, Any] | None = None,
+    fail_running: bool = True,
 ) -> optuna.Study:
     """Run (or resume) one search on the table until it has ``n_trials`` completed trials.
 
     Trials left RUNNING by a killed process are marked FAIL on resume (they never finished, so
-    nothing is evaluated twice; nasforge's samplers also never re-propose them).
+    nothing is evaluated twice; nasforge's samplers also never re-propose them). Cells missing
+    from the table end as PRUNED trials and do not count toward ``n_trials``.
 
     Args:
         problem: the table problem.
@@ -206,11 +209,16 @@ def search_table(
         study_name: study name in the storage (needed to resume).
         on_evaluate: called with ``(trial number, canonical cell index)`` at each evaluation.
         prior: op-probability prior for strategies that take one.
+        sampler_kwargs: extra constructor arguments of the sampler.
+        fail_running: mark RUNNING trials FAIL before resuming; set False when other workers
+            share the storage (their trials are running, not stale).
 
     Returns:
         The study.
     """
-    sampler = make_sampler(strategy, seed, search_space=nb201.search_space(), prior=prior)
+    sampler = make_sampler(
+        strategy, seed, search_space=nb201.search_space(), prior=prior, **(sampler_kwargs or {})
+    )
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,
@@ -218,8 +226,9 @@ def search_table(
         directions=problem.directions,
         load_if_exists=True,
     )
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    if fail_running:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     ops = list(nb201.OPS)
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
@@ -232,9 +241,11 @@ def search_table(
             raise optuna.TrialPruned(f"cell {spec.arch_str} not in the table")
         return tuple(float(v) for v in vals)
 
+    # Guard against endless loops on sparse tables: at most 10x the budget in trials overall.
+    max_total = 10 * n_trials + 100
     while True:
         remaining = n_trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        if remaining <= 0:
+        if remaining <= 0 or len(study.trials) >= max_total:
             return study
         study.optimize(objective, n_trials=remaining)
 
@@ -368,7 +379,10 @@ def _summarize(
     checkpoints: list[int],
     rows: list[dict],
 ) -> dict[str, Any]:
-    by = {s: sorted((r for r in rows if r["strategy"] == s), key=lambda r: r["seed"]) for s in strategies}
+    by = {
+        s: sorted((r for r in rows if r["strategy"] == s), key=lambda r: r["seed"])
+        for s in strategies
+    }
     base = {r["seed"]: r for r in by[BASELINE]}
     results: dict[str, dict[str, Any]] = {}
     curves: dict[str, dict[str, list[float]]] = {}
@@ -379,7 +393,9 @@ def _summarize(
             paired = [r for r in by[s] if r["seed"] in base]
             p = None
             if s != BASELINE:
-                p = _wilcoxon_p([r["gaps"][b] for r in paired], [base[r["seed"]]["gaps"][b] for r in paired])
+                p = _wilcoxon_p(
+                    [r["gaps"][b] for r in paired], [base[r["seed"]]["gaps"][b] for r in paired]
+                )
             results[s][str(b)] = {
                 "median_gap": float(np.median(g)),
                 "q25": float(np.quantile(g, 0.25)),
@@ -414,7 +430,9 @@ def _summarize(
 def markdown_table(doc: dict) -> str:
     """Markdown table of median gap [IQR] and p vs NSGA-II per strategy and budget."""
     budgets = doc["problem"]["budgets"]
-    head = "| strategy | seeds | " + " | ".join(f"gap@{b} median [q25, q75] (p vs nsga2)" for b in budgets)
+    head = "| strategy | seeds | " + " | ".join(
+        f"gap@{b} median [q25, q75] (p vs nsga2)" for b in budgets
+    )
     lines = [
         f"Objectives: `{', '.join(doc['problem']['objectives'])}` — {doc['problem']['metric']}.",
         "",
@@ -424,10 +442,13 @@ def markdown_table(doc: dict) -> str:
     for s, res in doc["results"].items():
         cells = []
         for b in budgets:
-            r = res[str(b)]
+            r = res.get(str(b))
+            if r is None:
+                cells.append("not run")
+                continue
             p = "—" if r["p_vs_nsga2"] is None else f"{r['p_vs_nsga2']:.2g}"
             cells.append(f"{r['median_gap']:.3f} [{r['q25']:.3f}, {r['q75']:.3f}] ({p})")
-        seeds = res[str(budgets[0])]["seeds"]
+        seeds = next(iter(res.values()))["seeds"]
         lines.append(f"| {s} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

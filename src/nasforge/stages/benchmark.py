@@ -1,10 +1,11 @@
-"""benchmark: measure one candidate's exported models on one target.
+"""benchmark: measure every candidate's exported models on one target.
 
 For each precision: accuracy of the *exported* model on the test split (run by the target's
 runtime), latency p50/p90/p99 after warm-up and throughput per batch size, model size and peak
 memory. Table targets (``table:<column>``) cannot run models: their latency is the table's value
 for the architecture (labelled ``source: table``) and accuracy is measured with ONNX Runtime.
 The models measured are copied into the output so promotion registers exactly these files.
+Output: one sub-folder per candidate (``<candidate>/benchmark.json`` and ``<candidate>/model/``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from nasforge.errors import ModelFileError
 from nasforge.hardware.targets import get_target
 from nasforge.stages import StageResult
 from nasforge.stages.export import EXPORT_JSON, model_files
+from nasforge.tracking.dvc import dvc_hash
 
 BENCHMARK_JSON = "benchmark.json"
 
@@ -37,15 +39,40 @@ def _energy(latency_ms: float, target_name: str) -> dict[str, Any]:
         return {"source": "not available", "mj": None}
 
 
-def run(params: Params, dataset: Path, exported: Path, target: str, output: Path) -> StageResult:
-    """Benchmark the export folder ``exported`` on ``target``; write ``benchmark.json``."""
+def run(params: Params, dataset: Path, exported: list[Path], target: str, output: Path) -> StageResult:
+    """Benchmark every export folder in ``exported`` on ``target``."""
     t = get_target(target)
     t.check_available()
+    data = load_prepared(dataset)
+    metrics: dict[str, float] = {}
+    # A folder may be one export or a parent of several (DVC passes artifacts/export).
+    folders = sorted({f.parent for d in exported for f in Path(d).rglob(EXPORT_JSON)})
+    if not folders:
+        raise ModelFileError(f"no export folders (with {EXPORT_JSON}) in {', '.join(map(str, exported))}")
+    for folder in folders:
+        doc = benchmark_one(params, data, Path(folder), t, output)
+        for precision, r in doc["results"].items():
+            prefix = f"{doc['candidate']}_{precision}"
+            metrics[f"{prefix}_test_accuracy"] = r["test_accuracy"]
+            metrics[f"{prefix}_size_bytes"] = r["size_bytes"]
+            for bs, lat in r["latency"].items():
+                metrics[f"{prefix}_b{bs}_p50_ms"] = lat["p50_ms"]
+                if "throughput_ips" in lat:
+                    metrics[f"{prefix}_b{bs}_throughput"] = lat["throughput_ips"]
+    return StageResult(
+        metrics=metrics,
+        tags={"target": t.name},
+        artifacts=sorted(output.glob(f"*/{BENCHMARK_JSON}")),
+    )
+
+
+def benchmark_one(params: Params, data, exported: Path, t, output_root: Path) -> dict[str, Any]:
+    """Benchmark one export folder on target ``t``; write ``<output_root>/<candidate>/``."""
     f = Path(exported) / EXPORT_JSON
     if not f.is_file():
         raise ModelFileError(f"not an export folder (no {EXPORT_JSON}): {exported}")
     export = json.loads(f.read_text())
-    data = load_prepared(dataset)
+    output = output_root / export["candidate"]
     x_test, y_test = data.numpy("test")
     runtime = t.runtime if t.kind == "runtime" else "onnxruntime"
     run_target = t if t.kind == "runtime" else get_target("onnxruntime-cpu")
@@ -86,19 +113,14 @@ def run(params: Params, dataset: Path, exported: Path, target: str, output: Path
         "results": results,
         "system": system_info(threads),
     }
+    for precision in results:
+        results[precision]["dvc_md5"] = dvc_hash(output / "model" / precision)
+    doc["results"] = results
     (output / BENCHMARK_JSON).write_text(json.dumps(doc, indent=2, default=str))
-    metrics: dict[str, float] = {}
-    for precision, r in results.items():
-        metrics[f"{precision}_test_accuracy"] = r["test_accuracy"]
-        metrics[f"{precision}_size_bytes"] = r["size_bytes"]
-        for bs, lat in r["latency"].items():
-            metrics[f"{precision}_b{bs}_p50_ms"] = lat["p50_ms"]
-            if "throughput_ips" in lat:
-                metrics[f"{precision}_b{bs}_throughput"] = lat["throughput_ips"]
     print(
         f"  {export['candidate']} on {t.name}: int8 acc {results['int8']['test_accuracy']:.4f}, "
         f"p50@1 {results['int8']['latency'].get('1', {}).get('p50_ms', float('nan')):.3f} ms; "
         f"fp32 acc {results['fp32']['test_accuracy']:.4f}, p50@1 {results['fp32']['latency'].get('1', {}).get('p50_ms', float('nan')):.3f} ms",
         flush=True,
     )
-    return StageResult(metrics=metrics, tags={"candidate": export["candidate"], "target": t.name}, artifacts=[output / BENCHMARK_JSON])
+    return doc

@@ -17,16 +17,20 @@ PROMOTION_JSON = "promotion.json"
 
 
 def load_benchmarks(dirs: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
-    """Read every ``benchmark.json``; a missing or corrupt one is an error, not a silent skip."""
+    """Read every ``benchmark.json`` below each folder (a benchmark output or a parent of several).
+
+    A folder without results, or a corrupt file, is an error rather than a silent skip.
+    """
     out = []
     for d in dirs:
-        f = Path(d) / BENCHMARK_JSON
-        if not f.is_file():
-            raise ModelFileError(f"not a benchmark folder (no {BENCHMARK_JSON}): {d}")
-        try:
-            out.append((Path(d), json.loads(f.read_text())))
-        except json.JSONDecodeError as err:
-            raise ModelFileError(f"corrupt {f}: {err}") from None
+        files = sorted(Path(d).rglob(BENCHMARK_JSON))
+        if not files:
+            raise ModelFileError(f"not a benchmark folder (no */{BENCHMARK_JSON}): {d}")
+        for f in files:
+            try:
+                out.append((f.parent, json.loads(f.read_text())))
+            except json.JSONDecodeError as err:
+                raise ModelFileError(f"corrupt {f}: {err}") from None
     return out
 
 
@@ -89,7 +93,7 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
             precision=precision,
             candidate=doc["candidate"],
             arch_str=doc["arch_str"],
-            tags={"nasforge.dvc_md5": doc.get("dvc_md5", "")} if doc.get("dvc_md5") else {},
+            tags={"nasforge.dvc_md5": r["dvc_md5"]} if r.get("dvc_md5") else {},
         )
         model_name = f"{tp.model_prefix}-{target}".replace(":", "-")
         decision = register_and_promote(

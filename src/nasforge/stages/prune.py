@@ -30,6 +30,12 @@ def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult
     def finetune(m: torch.nn.Module) -> None:
         fit(m, x_train, y_train, epochs=epochs_per_step, batch_size=params.train.batch_size, lr=pp.lr, seed=params.run.seed)
 
+    def gradients(m: torch.nn.Module) -> None:
+        # Taylor importance: |w * dL/dw| from a few training batches.
+        m.train()
+        for i in range(0, 256, 64):
+            torch.nn.functional.cross_entropy(m(x_train[i : i + 64]), y_train[i : i + 64]).backward()
+
     if pp.channel_ratio > 0:
         from nasforge.compress.prune import prune_structured
 
@@ -40,7 +46,7 @@ def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult
             importance=pp.importance,
             steps=pp.steps,
             finetune=finetune if epochs_per_step else None,
-            example_data=(x_train[:256], y_train[:256]),
+            grad_fn=gradients if pp.importance == "taylor" else None,
         )
     else:
         report = {"skipped": True}

@@ -1,0 +1,54 @@
+# nasforge: two commands do all set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.nasforge-installed
+PARAMS ?= params.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast lint format compile images bench-search clean
+
+# torch first, pinned to the CPU build (a looser pin pulls the CUDA wheels), then the project.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev,openvino,serve]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: the full pipeline with kfp.local on the embedded digits dataset.
+run: install
+	$(BIN)/nasforge run --params $(PARAMS)
+
+## The whole test suite (unit, integration: kfp.local, dvc repro, mlflow server; end to end).
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+## Unit tests only (seconds).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not container" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check src components pipelines tests benchmarks
+	$(BIN)/ruff format --check src components pipelines tests benchmarks
+
+format: install
+	$(BIN)/ruff format src components pipelines tests benchmarks
+	$(BIN)/ruff check --fix src components pipelines tests benchmarks
+
+## Recompile the committed KFP IR YAML (a test checks it is up to date).
+compile: install
+	NASFORGE_IMAGE= $(BIN)/nasforge pipeline compile --output pipelines/compiled/nasforge_pipeline.yaml
+
+## Container images (docker or podman, whichever can run).
+images: install
+	bash scripts/build_images.sh
+
+## Search strategies on NAS-Bench-201 (issue 3 benchmark).
+bench-search: install
+	$(BIN)/python benchmarks/bench_search_nb201.py
+
+clean:
+	rm -rf runs artifacts mlflow.db mlartifacts .dvcstore

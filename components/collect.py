@@ -1,0 +1,24 @@
+"""KFP plumbing: gather one candidate's per-target benchmark folders into one artifact.
+
+Not a stage (it has no logic of its own): KFP's ``Collected`` of a nested ``ParallelFor`` reaches
+its consumer as a list of lists, which kfp.local cannot pass on, so each candidate first gathers
+its inner loop and promote/report collect the outer loop.
+"""
+
+from typing import List  # noqa: UP035 - KFP resolves typing.List, not list[...]
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Output
+
+from nasforge.images import cpu_image
+
+
+@dsl.component(base_image=cpu_image())
+def collect(results: Input[List[Artifact]], collected: Output[Artifact]):
+    import shutil
+    from pathlib import Path
+
+    out = Path(collected.path)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, r in enumerate(results):
+        shutil.copytree(r.path, out / f"part-{i}")

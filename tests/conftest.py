@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny settings, the shared data folder, and a prepared digits dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("NASFORGE_SHARED_DATA", REPO.parent / "shared" / "data"))
+CIFAR_TAR = SHARED_DATA / "cifar10" / "cifar10-jpeg.tar"
+NB201_CSV = SHARED_DATA / "nb201" / "nb201_dev.csv"
+
+TINY = {
+    "run": {"name": "tiny", "threads": 2},
+    "space": {"channels": 8},
+    "search": {"supernet_epochs": 3, "trials": 6, "max_candidates": 2, "latency_repeats": 5},
+    "train": {"epochs": 2},
+    "prune": {"finetune_epochs": 1, "channel_ratio": 0.25},
+    "qat": {"epochs": 1},
+    "benchmark": {"batch_sizes": [1, 4], "warmup": 2, "repeats": 5},
+    "dvc_candidates": [0, 1],
+}
+
+
+def tiny_params(**overrides):
+    """Tiny-settings Params with section overrides merged in."""
+    from nasforge.config import params_from_dict
+
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            data[k].update(v)
+        else:
+            data[k] = v
+    return params_from_dict(data, "tiny")
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """A prepared digits dataset (tracking off)."""
+    from nasforge.stages.runner import execute
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    execute("prepare-data", tiny_params(), out, tracking=False)
+    return out

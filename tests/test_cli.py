@@ -1,0 +1,83 @@
+"""The CLI's contract with users: bad input is one line on stderr, exit 2, no traceback, no output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NASFORGE = [str(Path(sys.executable).parent / "nasforge")]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(NASFORGE + args, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_params_field_of_wrong_type(tmp_path):
+    (tmp_path / "p.yaml").write_text("search:\n  trials: lots\n")
+    proc = _run(["prepare-data", "--params", "p.yaml", "--output", "out"], tmp_path)
+    _assert_one_line_error(proc, "search.trials", "lots")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dataset_path_that_does_not_exist(tmp_path):
+    (tmp_path / "p.yaml").write_text("data:\n  source: /no/such/cifar.tar\n")
+    proc = _run(["prepare-data", "--params", "p.yaml", "--output", "out", "--no-tracking"], tmp_path)
+    _assert_one_line_error(proc, "dataset not found", "/no/such/cifar.tar")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_unknown_target_name(tmp_path, digits_dir):
+    (tmp_path / "p.yaml").write_text("targets: [onnxruntime-cpu, quantum-tpu]\n")
+    proc = _run(["search", "--params", "p.yaml", "--data", str(digits_dir), "--output", "s", "--no-tracking"], tmp_path)
+    _assert_one_line_error(proc, "quantum-tpu")
+    assert not (tmp_path / "s").exists()
+
+
+def test_gpu_target_on_cpu_machine(tmp_path, digits_dir):
+    (tmp_path / "p.yaml").write_text("targets: [tensorrt-gpu]\n")
+    proc = _run(["search", "--params", "p.yaml", "--data", str(digits_dir), "--output", "s", "--no-tracking"], tmp_path)
+    if proc.returncode == 0:  # pragma: no cover - only on a machine with a GPU and TensorRT
+        pytest.skip("this machine has a GPU with TensorRT")
+    _assert_one_line_error(proc, "tensorrt-gpu", "not available here")
+
+
+def test_missing_input_artifact(tmp_path):
+    proc = _run(["train", "--data", "nowhere", "--search", "s", "--candidate", "0", "--output", "o"], tmp_path)
+    _assert_one_line_error(proc, "--data", "nowhere")
+
+
+@pytest.mark.parametrize("stage", ["prune", "qat"])
+def test_corrupt_model_file_is_rejected_without_output(tmp_path, digits_dir, stage):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.json").write_text('{"arch_str": "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|", "shape": {"in_channels": 1, "num_classes": 10, "channels": 8}}')
+    (model / "weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{truncated")
+    proc = _run([stage, "--data", str(digits_dir), "--model", str(model), "--output", "out", "--no-tracking"], tmp_path)
+    _assert_one_line_error(proc, "weights")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_unreachable_tracking_server(tmp_path):
+    (tmp_path / "p.yaml").write_text("tracking:\n  uri: http://127.0.0.1:9\n")
+    proc = _run(["prepare-data", "--params", "p.yaml", "--output", "out"], tmp_path)
+    _assert_one_line_error(proc, "unreachable")
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_rejects_bad_input_before_starting(tmp_path):
+    (tmp_path / "p.yaml").write_text("targets: [onnxruntime-cpu, nope]\n")
+    proc = _run(["run", "--params", "p.yaml", "--runs-dir", "runs"], tmp_path)
+    _assert_one_line_error(proc, "nope")
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,223 @@
+"""Latency tables, the predictor, the memory model and energy labelling (real runtimes)."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from nasforge.bench.timing_export import export_for_timing
+from nasforge.errors import ModelFileError, TargetError
+from nasforge.hardware.energy import estimate_energy, meter_for, model_energy, table_energy
+from nasforge.hardware.latency_table import LatencyTable, build_latency_table
+from nasforge.hardware.memory import memory_report, peak_activation_bytes
+from nasforge.hardware.predictor import LatencyPredictor, get_latency_table, predict_latency_ms
+from nasforge.hardware.spaces import CellBlockSpace, computed_edges, get_space
+from nasforge.hardware.targets import get_target, shared_data_dir
+from nasforge.space.cell import CellNetworkShape
+from nasforge.space.nb201 import CellSpec
+
+# A tiny network keeps profiling to seconds.
+SHAPE = CellNetworkShape(in_channels=1, num_classes=4, channels=4, cells_per_stage=1, stages=2)
+ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|"
+FAST = dict(
+    warmup=1, repeats=3, rounds=1, calibration_networks=3, calibration_exporter="torchscript"
+)
+
+
+@pytest.fixture(scope="module")
+def space() -> CellBlockSpace:
+    return CellBlockSpace(SHAPE, (6, 6))
+
+
+@pytest.fixture(scope="module")
+def ort_table(space: CellBlockSpace) -> LatencyTable:
+    return build_latency_table("onnxruntime-cpu", space, batch_sizes=(1, 2), threads=1, **FAST)
+
+
+def _op_counts(path: Path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_block_counts_match_exported_graph(space: CellBlockSpace, tmp_path: Path, seed: int):
+    import random
+
+    spec = space.sample(random.Random(seed))
+    path = export_for_timing(space.build(spec), space.input_shape(), tmp_path / "n.onnx")
+    ops = _op_counts(path)
+    counts = space.block_counts(spec)
+    convs = sum(n for k, n in counts.items() if k.startswith("op:nor_conv"))
+    pools = sum(n for k, n in counts.items() if k.startswith("op:avg_pool"))
+    adds = sum(n for k, n in counts.items() if k.startswith("add:"))
+    # stem conv + per reduction: 2 convs, 1 shortcut conv, 1 pool, 1 add
+    n_red = SHAPE.stages - 1
+    assert ops["Conv"] == convs + 1 + 3 * n_red
+    assert ops["AveragePool"] == pools + n_red
+    assert ops["Add"] == adds + n_red
+    # ReLUs: one per source node feeding convs (merged), 2 per reduction, 1 in the head
+    relus = sum(n for k, n in counts.items() if k.startswith("relu:"))
+    assert ops["Relu"] == relus + 2 * n_red + 1
+
+
+def test_computed_edges_drops_unused():
+    # node 1 feeds only a 'none' edge to node 3 and nothing else: its conv is dead code.
+    spec = CellSpec(("nor_conv_3x3", "skip_connect", "none", "skip_connect", "none", "none"))
+    assert computed_edges(spec) == [False, False, False, True, False, False]
+
+
+def test_table_roundtrip_and_prediction(
+    ort_table: LatencyTable, space: CellBlockSpace, tmp_path: Path
+):
+    assert ort_table.batch_sizes == [1, 2]
+    assert all(v >= 0 for v in ort_table.blocks[1].values())
+    assert {k for k in ort_table.blocks[1]} >= set(space.block_counts(CellSpec.from_arch_str(ARCH)))
+    m = ort_table.machine
+    assert m["threads"] == 1 and m["runtime"] == "onnxruntime" and m["cpu_model"]
+    assert m["runtime_version"] and isinstance(m["isa_flags"], list)
+    path = ort_table.save(tmp_path / "t.json")
+    loaded = LatencyTable.load(path)
+    assert loaded.to_dict() == json.loads(path.read_text())
+    spec = CellSpec.from_arch_str(ARCH)
+    counts = space.block_counts(spec)
+    assert loaded.predict_counts(counts, 1) == pytest.approx(ort_table.predict_counts(counts, 1))
+    assert loaded.predict_counts(counts, 1) > 0
+    with pytest.raises(TargetError, match="batch sizes"):
+        loaded.predict_counts(counts, 64)
+    loaded.check_machine()
+
+
+def test_table_from_other_machine_is_refused(ort_table: LatencyTable):
+    d = ort_table.to_dict()
+    d["machine"] = {**d["machine"], "cpu_model": "Some Other CPU"}
+    with pytest.raises(TargetError, match="cpu_model"):
+        LatencyTable.from_dict(d).check_machine()
+
+
+def test_bad_table_files(tmp_path: Path):
+    with pytest.raises(ModelFileError, match="not found"):
+        LatencyTable.load(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(ModelFileError, match="not valid JSON"):
+        LatencyTable.load(bad)
+    bad.write_text(json.dumps({"schema": "other/9"}))
+    with pytest.raises(ModelFileError, match="schema"):
+        LatencyTable.load(bad)
+
+
+def test_openvino_table_and_constant_folding(space: CellBlockSpace):
+    table = build_latency_table("openvino-cpu", space, batch_sizes=(1,), threads=1, **FAST)
+    assert table.folds_constants
+    # The output node only sees a constant node: OpenVINO folds the network after the stem.
+    const = CellSpec(("none", "skip_connect", "none", "none", "avg_pool_3x3", "none"))
+    assert set(space.block_counts(const, folds_constants=True)) == {"stem:1->4:6x6"}
+    assert table.predict_counts(space.block_counts(CellSpec.from_arch_str(ARCH), True), 1) > 0
+
+
+def test_predictor_cache_modes_and_table_target(space: CellBlockSpace, tmp_path: Path):
+    spec = CellSpec.from_arch_str(ARCH)
+    pred = LatencyPredictor(["onnxruntime-cpu"], space, threads=1, table_dir=tmp_path, **FAST)
+    first = pred.predict(spec)["onnxruntime-cpu"]
+    assert first > 0
+    cached = list(tmp_path.glob("onnxruntime-cpu__cell__*.json"))
+    assert len(cached) == 1
+    # second use loads the cache: same numbers, no rebuild
+    again = get_latency_table("onnxruntime-cpu", space, (1,), 1, tmp_path, build=False)
+    assert again.predict_counts(space.block_counts(spec), 1) == pytest.approx(first)
+    assert pred.describe()["onnxruntime-cpu"]["source"] == "profiled-table"
+    measured = predict_latency_ms("onnxruntime-cpu", spec, space=space, threads=1, mode="measure")
+    assert measured > 0
+    with pytest.raises(TargetError, match="nasforge profile"):
+        get_latency_table("openvino-cpu", space, (1,), 1, tmp_path, build=False)
+
+
+@pytest.mark.skipif(
+    not (shared_data_dir() / "nb201" / "nb201_dev.csv").is_file(), reason="shared NB201 CSV missing"
+)
+def test_table_target_through_predictor(space: CellBlockSpace):
+    pred = LatencyPredictor(["table:raspi4_latency_ms"], space)
+    spec = CellSpec.from_arch_str(ARCH)
+    assert pred.predict(spec) == {
+        "table:raspi4_latency_ms": get_target("table:raspi4_latency_ms").lookup(ARCH)
+    }
+    e = table_energy(get_target("table:pi5_onnx_latency_ms"), ARCH)
+    assert e is not None and e.source == "measured" and e.mj_per_batch > 0
+    assert table_energy(get_target("table:raspi4_latency_ms"), ARCH) is None
+
+
+def test_unknown_space():
+    from nasforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown search space 'mobile'"):
+        get_space("mobile")
+
+
+def test_memory_model(space: CellBlockSpace, tmp_path: Path):
+    spec = CellSpec.from_arch_str(ARCH)
+    net = space.build(spec)
+    path = export_for_timing(net, space.input_shape(), tmp_path / "m.onnx")
+    rep = memory_report(path, batch_size=8)
+    n_params = sum(p.numel() for p in net.parameters())
+    # The exporter folds eval-mode BatchNorm into the convs: a few per-channel values vanish.
+    assert 0.8 * n_params <= rep.param_count <= n_params + sum(b.numel() for b in net.buffers())
+    assert rep.param_bytes["fp32"] == 4 * rep.param_count
+    assert rep.param_bytes["fp16"] == 2 * rep.param_count
+    assert rep.param_count <= rep.param_bytes["int8"] < rep.param_bytes["fp16"]
+    # Activations scale with batch; the input alone is a lower bound.
+    a1, a8 = peak_activation_bytes(path, 1), rep.peak_activation_bytes
+    assert a8 >= 4 * 8 * 1 * 6 * 6
+    assert 7 * a1 <= a8 <= 8 * a1 + 1024
+
+
+def test_param_count_exact_without_bn(tmp_path: Path):
+    import torch
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 3)
+    )
+    path = export_for_timing(net, (1, 6, 6), tmp_path / "p.onnx")
+    rep = memory_report(path)
+    assert rep.param_count == (4 * 9 + 4) + (64 * 3 + 3)
+    assert rep.param_bytes["fp32"] == 4 * rep.param_count
+
+
+def test_memory_model_exact_on_chain(tmp_path: Path):
+    import torch
+
+    # x -> relu -> relu: peak is two live tensors of the same size (input freed after use? no:
+    # the input is consumed by the first relu, so at most 2 tensors are alive at once).
+    net = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.ReLU())
+    path = export_for_timing(net, (3, 4, 4), tmp_path / "c.onnx")
+    assert peak_activation_bytes(path, 2) == 2 * (2 * 3 * 4 * 4 * 4)
+
+
+def test_energy_is_labelled(space: CellBlockSpace, tmp_path: Path):
+    e = estimate_energy(2.0, 4, "cpu", 2)
+    assert e.source == "estimated" and "W/core" in e.method
+    assert (
+        e.mj_per_batch == pytest.approx(2.0 * e.power_w) and e.mj_per_sample == e.mj_per_batch / 4
+    )
+    path = export_for_timing(
+        space.build(CellSpec.from_arch_str(ARCH)), space.input_shape(), tmp_path / "e.onnx"
+    )
+    r = model_energy(path, "onnxruntime-cpu", batch_size=2, threads=1, seconds=0.05)
+    assert r.source == ("measured" if meter_for("cpu") else "estimated")
+    assert r.mj_per_batch > 0 and np.isfinite(r.mj_per_sample)
+
+
+def test_energy_per_inference_labels():
+    from nasforge.hardware.energy import energy_per_inference
+
+    d = energy_per_inference("onnxruntime-cpu", 2.0, threads=2)
+    assert d["source"] in ("measured", "estimated") and d["mj"] > 0
+    assert d["source"] == "estimated"  # no model given: nothing to run under a meter
+    t = energy_per_inference("table:raspi4_latency_ms", 50.0)
+    assert t["source"] == "estimated" and t["mj"] == pytest.approx(6.4 * 50.0)
+    if (shared_data_dir() / "nb201" / "nb201_dev.csv").is_file():
+        m = energy_per_inference("table:pi5_onnx_latency_ms", 10.0, arch_str=ARCH)
+        assert m["source"] == "measured" and m["method"] == "table:pi5_onnx_energy_mj"
