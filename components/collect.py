@@ -5,7 +5,6 @@ its consumer as a list of lists, which kfp.local cannot pass on, so each candida
 its inner loop and promote/report collect the outer loop.
 """
 
-from typing import List  # noqa: UP035 - KFP resolves typing.List, not list[...]
 
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Output
@@ -14,7 +13,7 @@ from nasforge.images import cpu_image
 
 
 @dsl.component(base_image=cpu_image())
-def collect(results: Input[List[Artifact]], collected: Output[Artifact]):
+def collect(results: Input[list[Artifact]], collected: Output[Artifact]):
     import shutil
     from pathlib import Path
 

@@ -1,7 +1,7 @@
 """KFP component of the prepare-data stage (thin: the logic is in ``nasforge.stages.prepare_data``)."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Output
+from kfp.dsl import Artifact, Output
 
 from nasforge.images import cpu_image
 
@@ -13,4 +13,9 @@ def prepare_data(params_json: str, parent_run_id: str, dataset: Output[Artifact]
     from nasforge.config import params_from_json
     from nasforge.stages.runner import execute
 
-    execute("prepare-data", params_from_json(params_json), Path(dataset.path), parent_run_id=parent_run_id)
+    execute(
+        "prepare-data",
+        params_from_json(params_json),
+        Path(dataset.path),
+        parent_run_id=parent_run_id,
+    )

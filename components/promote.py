@@ -1,8 +1,7 @@
 """KFP component of the promote stage (thin: the logic is in ``nasforge.stages.promote``)."""
 
-from kfp import dsl
-from typing import List  # noqa: UP035 - KFP resolves typing.List, not list[...]
 
+from kfp import dsl
 from kfp.dsl import Artifact, Input, Output
 
 from nasforge.images import cpu_image
@@ -10,7 +9,10 @@ from nasforge.images import cpu_image
 
 @dsl.component(base_image=cpu_image())
 def promote(
-    params_json: str, parent_run_id: str, benchmarks: Input[List[Artifact]], promotion: Output[Artifact]
+    params_json: str,
+    parent_run_id: str,
+    benchmarks: Input[list[Artifact]],
+    promotion: Output[Artifact],
 ):
     from pathlib import Path
 

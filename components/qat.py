@@ -8,7 +8,11 @@ from nasforge.images import cpu_image
 
 @dsl.component(base_image=cpu_image())
 def qat(
-    params_json: str, parent_run_id: str, dataset: Input[Artifact], model: Input[Artifact], quantized: Output[Artifact]
+    params_json: str,
+    parent_run_id: str,
+    dataset: Input[Artifact],
+    model: Input[Artifact],
+    quantized: Output[Artifact],
 ):
     from pathlib import Path
 
@@ -16,5 +20,10 @@ def qat(
     from nasforge.stages.runner import execute
 
     execute(
-        "qat", params_from_json(params_json), Path(quantized.path), parent_run_id=parent_run_id, dataset=Path(dataset.path), model=Path(model.path)
+        "qat",
+        params_from_json(params_json),
+        Path(quantized.path),
+        parent_run_id=parent_run_id,
+        dataset=Path(dataset.path),
+        model=Path(model.path),
     )

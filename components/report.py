@@ -1,8 +1,7 @@
 """KFP component of the report stage (thin: the logic is in ``nasforge.stages.report``)."""
 
-from kfp import dsl
-from typing import List  # noqa: UP035 - KFP resolves typing.List, not list[...]
 
+from kfp import dsl
 from kfp.dsl import Artifact, Input, Output
 
 from nasforge.images import cpu_image
@@ -14,14 +13,13 @@ def report(
     parent_run_id: str,
     search: Input[Artifact],
     promotion: Input[Artifact],
-    benchmarks: Input[List[Artifact]],
+    benchmarks: Input[list[Artifact]],
     report: Output[Artifact],
 ):
     from pathlib import Path
 
     from nasforge.config import params_from_json
     from nasforge.stages.runner import execute
-
     from nasforge.tracking.mlflow_runs import close_run
 
     params = params_from_json(params_json)

@@ -16,7 +16,11 @@ def search(
     from nasforge.stages.runner import execute
 
     result = execute(
-        "search", params_from_json(params_json), Path(search.path), parent_run_id=parent_run_id, dataset=Path(dataset.path)
+        "search",
+        params_from_json(params_json),
+        Path(search.path),
+        parent_run_id=parent_run_id,
+        dataset=Path(dataset.path),
     )
     # The candidate indices drive the ParallelFor over the Pareto set.
     return list(range(int(result.metrics["candidates"])))

@@ -74,14 +74,21 @@ def run_local(params_path: str | Path, runs_dir: str | Path = "runs") -> dict:
     params = preflight(load_params(params_path))
     runs_dir = Path(runs_dir).absolute()
     runs_dir.mkdir(parents=True, exist_ok=True)
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(runs_dir / "kfp-local"))
+    kfp.local.init(
+        runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(runs_dir / "kfp-local")
+    )
     from nasforge.pipelines.nasforge_pipeline import nasforge_pipeline
 
     run_name = f"{params.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"==> nasforge run {run_name}: {len(params.targets)} target(s) {params.targets}, dataset {params.data.source}", flush=True)
+    print(
+        f"==> nasforge run {run_name}: {len(params.targets)} target(s) {params.targets}, dataset {params.data.source}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     try:
-        task = nasforge_pipeline(params_json=params.to_json(), targets=list(params.targets), run_name=run_name)
+        task = nasforge_pipeline(
+            params_json=params.to_json(), targets=list(params.targets), run_name=run_name
+        )
     except RuntimeError as err:  # kfp.local reports a failed task this way; its log is above
         raise NasforgeError(f"pipeline failed: {str(err).splitlines()[0]}") from None
     dest, summary = _publish(Path(task.output.path), runs_dir)
@@ -90,7 +97,9 @@ def run_local(params_path: str | Path, runs_dir: str | Path = "runs") -> dict:
         acc = f"{s['accuracy']:.4f}" if s.get("accuracy") is not None else "-"
         lat = f"{s['latency_p50_ms']:.3f} ms" if s.get("latency_p50_ms") is not None else "-"
         verdict = "promoted" if s["promoted"] else "not promoted"
-        print(f"    {target}: {s.get('model_name')} v{s.get('version')} acc {acc} p50@1 {lat} -> {verdict} ({s['reason']})")
+        print(
+            f"    {target}: {s.get('model_name')} v{s.get('version')} acc {acc} p50@1 {lat} -> {verdict} ({s['reason']})"
+        )
     print(f"==> report:  {dest / 'report.html'}")
     print(f"==> summary: {dest / 'summary.json'} (also {runs_dir / 'latest' / 'summary.json'})")
     return summary

@@ -9,7 +9,6 @@ its consumer as a list of lists, which kfp.local cannot pass on (and a ``Collect
 inside another loop does not compile).
 """
 
-
 from pathlib import Path
 
 from kfp import compiler, dsl
@@ -30,7 +29,9 @@ from nasforge.components.train import train
 PIPELINE_NAME = "nasforge"
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Hardware-aware NAS, compression and promotion per target")
+@dsl.pipeline(
+    name=PIPELINE_NAME, description="Hardware-aware NAS, compression and promotion per target"
+)
 def nasforge_pipeline(
     params_json: str = "{}",
     targets: list = ["onnxruntime-cpu", "openvino-cpu"],  # noqa: B006 - KFP needs a literal default
@@ -49,8 +50,18 @@ def nasforge_pipeline(
             dataset=data.outputs["dataset"],
             search=found.outputs["search"],
         )
-        pruned = prune(params_json=params_json, parent_run_id=parent, dataset=data.outputs["dataset"], model=trained.outputs["model"])
-        quantized = qat(params_json=params_json, parent_run_id=parent, dataset=data.outputs["dataset"], model=pruned.outputs["pruned"])
+        pruned = prune(
+            params_json=params_json,
+            parent_run_id=parent,
+            dataset=data.outputs["dataset"],
+            model=trained.outputs["model"],
+        )
+        quantized = qat(
+            params_json=params_json,
+            parent_run_id=parent,
+            dataset=data.outputs["dataset"],
+            model=pruned.outputs["pruned"],
+        )
         exported = export(
             params_json=params_json,
             parent_run_id=parent,

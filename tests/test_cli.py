@@ -33,28 +33,57 @@ def test_params_field_of_wrong_type(tmp_path):
 
 def test_dataset_path_that_does_not_exist(tmp_path):
     (tmp_path / "p.yaml").write_text("data:\n  source: /no/such/cifar.tar\n")
-    proc = _run(["prepare-data", "--params", "p.yaml", "--output", "out", "--no-tracking"], tmp_path)
+    proc = _run(
+        ["prepare-data", "--params", "p.yaml", "--output", "out", "--no-tracking"], tmp_path
+    )
     _assert_one_line_error(proc, "dataset not found", "/no/such/cifar.tar")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
 def test_unknown_target_name(tmp_path, digits_dir):
     (tmp_path / "p.yaml").write_text("targets: [onnxruntime-cpu, quantum-tpu]\n")
-    proc = _run(["search", "--params", "p.yaml", "--data", str(digits_dir), "--output", "s", "--no-tracking"], tmp_path)
+    proc = _run(
+        [
+            "search",
+            "--params",
+            "p.yaml",
+            "--data",
+            str(digits_dir),
+            "--output",
+            "s",
+            "--no-tracking",
+        ],
+        tmp_path,
+    )
     _assert_one_line_error(proc, "quantum-tpu")
     assert not (tmp_path / "s").exists()
 
 
 def test_gpu_target_on_cpu_machine(tmp_path, digits_dir):
     (tmp_path / "p.yaml").write_text("targets: [tensorrt-gpu]\n")
-    proc = _run(["search", "--params", "p.yaml", "--data", str(digits_dir), "--output", "s", "--no-tracking"], tmp_path)
+    proc = _run(
+        [
+            "search",
+            "--params",
+            "p.yaml",
+            "--data",
+            str(digits_dir),
+            "--output",
+            "s",
+            "--no-tracking",
+        ],
+        tmp_path,
+    )
     if proc.returncode == 0:  # pragma: no cover - only on a machine with a GPU and TensorRT
         pytest.skip("this machine has a GPU with TensorRT")
     _assert_one_line_error(proc, "tensorrt-gpu", "not available here")
 
 
 def test_missing_input_artifact(tmp_path):
-    proc = _run(["train", "--data", "nowhere", "--search", "s", "--candidate", "0", "--output", "o"], tmp_path)
+    proc = _run(
+        ["train", "--data", "nowhere", "--search", "s", "--candidate", "0", "--output", "o"],
+        tmp_path,
+    )
     _assert_one_line_error(proc, "--data", "nowhere")
 
 
@@ -62,9 +91,23 @@ def test_missing_input_artifact(tmp_path):
 def test_corrupt_model_file_is_rejected_without_output(tmp_path, digits_dir, stage):
     model = tmp_path / "model"
     model.mkdir()
-    (model / "model.json").write_text('{"arch_str": "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|", "shape": {"in_channels": 1, "num_classes": 10, "channels": 8}}')
+    (model / "model.json").write_text(
+        '{"arch_str": "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|", "shape": {"in_channels": 1, "num_classes": 10, "channels": 8}}'
+    )
     (model / "weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{truncated")
-    proc = _run([stage, "--data", str(digits_dir), "--model", str(model), "--output", "out", "--no-tracking"], tmp_path)
+    proc = _run(
+        [
+            stage,
+            "--data",
+            str(digits_dir),
+            "--model",
+            str(model),
+            "--output",
+            "out",
+            "--no-tracking",
+        ],
+        tmp_path,
+    )
     _assert_one_line_error(proc, "weights")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
 

@@ -85,6 +85,10 @@ def _podman_env() -> dict[str, str]:
     return env
 
 
+def _last_line(done: subprocess.CompletedProcess[str]) -> str:
+    return (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+
+
 @cache
 def _engine() -> tuple[str, tuple[str, ...], str]:
     """(name, command prefix, why-not) of the first engine whose daemon/runtime answers."""
@@ -93,7 +97,7 @@ def _engine() -> tuple[str, tuple[str, ...], str]:
         probe = _run(["docker", "info"], timeout=30)
         if probe.returncode == 0:
             return "docker", ("docker",), ""
-        reasons.append(f"docker: {probe.stderr.strip().splitlines()[-1:] or probe.returncode}")
+        reasons.append(f"docker: {_last_line(probe)}")
     else:
         reasons.append("docker: not installed")
     if shutil.which("podman"):
@@ -101,7 +105,7 @@ def _engine() -> tuple[str, tuple[str, ...], str]:
         probe = _run([*prefix, "info"], timeout=60, env=_podman_env())
         if probe.returncode == 0:
             return "podman", prefix, ""
-        reasons.append(f"podman: {probe.stderr.strip().splitlines()[-1:] or probe.returncode}")
+        reasons.append(f"podman: {_last_line(probe)}")
     else:
         reasons.append("podman: not installed")
     return "", (), "; ".join(reasons)

@@ -23,10 +23,28 @@ def test_dvc_repro_runs_every_stage(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True, env=env)
-    subprocess.run([dvc, "remote", "add", "-d", "local", str(tmp_path / ".dvcstore")], cwd=tmp_path, check=True, env=env)
-    proc = subprocess.run([dvc, "repro"], cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env)
+    subprocess.run(
+        [dvc, "remote", "add", "-d", "local", str(tmp_path / ".dvcstore")],
+        cwd=tmp_path,
+        check=True,
+        env=env,
+    )
+    proc = subprocess.run(
+        [dvc, "repro"], cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for stage in ("prepare-data", "search", "train@0", "prune@0", "qat@0", "export@0", "benchmark@onnxruntime-cpu", "benchmark@openvino-cpu", "promote", "report"):
+    for stage in (
+        "prepare-data",
+        "search",
+        "train@0",
+        "prune@0",
+        "qat@0",
+        "export@0",
+        "benchmark@onnxruntime-cpu",
+        "benchmark@openvino-cpu",
+        "promote",
+        "report",
+    ):
         assert f"Running stage '{stage}'" in proc.stdout, stage
     status = subprocess.run([dvc, "status"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout

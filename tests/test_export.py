@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from compress_helpers import accuracy, digits, qat_bundle, trained_tiny
 
 from nasforge.compress.qat import save_quantized
 from nasforge.errors import ModelFileError
 from nasforge.export import onnx as onnx_export
 from nasforge.export import openvino as ov_export
 from nasforge.export.parity import check_parity, runtime_runner
+from tests.compress_helpers import accuracy, digits, qat_bundle, trained_tiny
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,7 @@ def test_lead_cell_network_pruned_qat_int8_end_to_end(tmp_path: Path) -> None:
     )
     torch.manual_seed(0)
     net = cell.build_cell_network(spec, cell.CellNetworkShape(1, 10, channels=8, stages=2))
-    from compress_helpers import train
+    from tests.compress_helpers import train
 
     train(net, x[:1000], y[:1000], epochs=3)
     net, _ = prune_structured(

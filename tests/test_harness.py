@@ -162,3 +162,19 @@ def test_int8_qdq_model(int8_model: Path, target: str):
     if r.runtime == "openvino":
         # OpenVINO runs the quantized convolutions in integer precision
         assert "i8" in r.executed_precision or "u8" in r.executed_precision
+
+
+def test_openvino_ir_xml(tiny_model: tuple[Path, torch.nn.Module], tmp_path: Path):
+    import openvino as ov
+
+    path, model = tiny_model
+    xml = tmp_path / "two_conv.xml"
+    ov.save_model(ov.convert_model(str(path)), str(xml))
+    r = measure(xml, "openvino-cpu", batch_size=3, warmup=1, repeats=2, threads=1)
+    assert r.input_shape == (3, 1, 8, 8) and r.executed_precision == "f32"
+    x = np.random.default_rng(1).standard_normal((5, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(predict(xml, "openvino-cpu", x, 2), expected, atol=1e-4)
+    with pytest.raises(ModelFileError, match="cannot read OpenVINO IR"):
+        measure(xml, "onnxruntime-cpu", repeats=1)

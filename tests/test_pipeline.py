@@ -46,7 +46,17 @@ def test_whole_dag_runs_with_kfp_local(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    for stage in ("prepare-data", "search", "train-cand-0", "train-cand-1", "qat", "export", "benchmark-openvino-cpu", "promote", "report"):
+    for stage in (
+        "prepare-data",
+        "search",
+        "train-cand-0",
+        "train-cand-1",
+        "qat",
+        "export",
+        "benchmark-openvino-cpu",
+        "promote",
+        "report",
+    ):
         assert f"[{stage}] done" in proc.stdout, stage
     summary = json.loads((tmp_path / "runs" / "latest" / "summary.json").read_text())
     assert (tmp_path / "runs" / summary["run_id"] / "report.html").is_file()
@@ -62,9 +72,21 @@ def test_whole_dag_runs_with_kfp_local(tmp_path):
         "where t.key = 'mlflow.parentRunId'"
     ).fetchall()
     children = [name for value, name in rows if value == parent]
-    expected = {"prepare-data", "search", "train-cand-0", "train-cand-1", "benchmark-onnxruntime-cpu", "benchmark-openvino-cpu", "promote", "report"}
+    expected = {
+        "prepare-data",
+        "search",
+        "train-cand-0",
+        "train-cand-1",
+        "benchmark-onnxruntime-cpu",
+        "benchmark-openvino-cpu",
+        "promote",
+        "report",
+    }
     assert expected <= set(children)
-    assert sum(1 for n in children if n == "export") == 2 and sum(1 for n in children if n == "qat") == 2
+    assert (
+        sum(1 for n in children if n == "export") == 2
+        and sum(1 for n in children if n == "qat") == 2
+    )
     aliases = {a for (a,) in db.execute("select alias from registered_model_aliases")}
     assert aliases == {"champion-onnxruntime-cpu", "champion-openvino-cpu"}
     dvc_tags = db.execute("select count(*) from tags where key = 'dvc.md5'").fetchone()[0]

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from compress_helpers import TinyCellNet, accuracy, digits, train, trained_tiny
 from torch import nn
 
 from nasforge.compress import prune
 from nasforge.errors import ConfigError, ModelFileError
+from tests.compress_helpers import TinyCellNet, accuracy, digits, train, trained_tiny
 
 
 def _convs(model: nn.Module) -> list[int]:

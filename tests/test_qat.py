@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from compress_helpers import accuracy, digits, qat_bundle, trained_tiny
 
 from nasforge.compress import qat
 from nasforge.errors import ModelFileError
+from tests.compress_helpers import accuracy, digits, qat_bundle, trained_tiny
 
 
 def _cpuinfo(tmp_path: Path, flags: str) -> Path:

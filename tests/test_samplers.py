@@ -56,8 +56,12 @@ def test_registry_errors() -> None:
         make_sampler("regevo", 0, nb201.search_space(), prior={"edge0": {"none": -1.0}})
     with pytest.raises(ConfigError, match="needs an explicit search_space"):
         make_sampler("hybrid", 0, None, prior={"edge0": {"none": 1.0}})
-    with pytest.raises(ConfigError, match="bad arguments"):
+    with pytest.raises(ConfigError, match="n_init"):
         make_sampler("hybrid", 0, nb201.search_space(), n_init=1)
+    with pytest.raises(ConfigError, match="bad arguments"):
+        make_sampler("hybrid", 0, nb201.search_space(), colour="red")
+    with pytest.raises(ConfigError, match="bad arguments"):
+        make_sampler("optuna-tpe", 0, colour="red")
 
 
 @pytest.mark.parametrize("name", sorted(NASFORGE_SAMPLERS))

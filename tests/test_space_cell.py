@@ -6,7 +6,12 @@ import random
 
 import torch
 
-from nasforge.space.cell import CellNetworkShape, build_cell_network, computed_edges, count_parameters
+from nasforge.space.cell import (
+    CellNetworkShape,
+    build_cell_network,
+    computed_edges,
+    count_parameters,
+)
 from nasforge.space.nb201 import CellSpec
 from nasforge.supernet.cell_supernet import LARGEST_SPEC, CellSupernet, recalibrate_bn
 

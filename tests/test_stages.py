@@ -26,13 +26,33 @@ def chain(tmp_path_factory, digits_dir):
     out["search"] = root / "search"
     out["search_result"] = execute("search", p, out["search"], tracking=False, dataset=digits_dir)
     out["train"] = root / "train"
-    out["train_result"] = execute("train", p, out["train"], tracking=False, dataset=digits_dir, search=out["search"], candidate=0)
+    out["train_result"] = execute(
+        "train",
+        p,
+        out["train"],
+        tracking=False,
+        dataset=digits_dir,
+        search=out["search"],
+        candidate=0,
+    )
     out["prune"] = root / "prune"
-    out["prune_result"] = execute("prune", p, out["prune"], tracking=False, dataset=digits_dir, model=out["train"])
+    out["prune_result"] = execute(
+        "prune", p, out["prune"], tracking=False, dataset=digits_dir, model=out["train"]
+    )
     out["qat"] = root / "qat"
-    out["qat_result"] = execute("qat", p, out["qat"], tracking=False, dataset=digits_dir, model=out["prune"])
+    out["qat_result"] = execute(
+        "qat", p, out["qat"], tracking=False, dataset=digits_dir, model=out["prune"]
+    )
     out["export"] = root / "export"
-    out["export_result"] = execute("export", p, out["export"], tracking=False, dataset=digits_dir, model=out["prune"], quantized=out["qat"])
+    out["export_result"] = execute(
+        "export",
+        p,
+        out["export"],
+        tracking=False,
+        dataset=digits_dir,
+        model=out["prune"],
+        quantized=out["qat"],
+    )
     return out
 
 
@@ -45,13 +65,18 @@ def test_prepare_data(digits_dir):
 def test_search_writes_pareto_set_and_resumable_study(chain):
     pareto = json.loads((chain["search"] / "pareto.json").read_text())
     assert 1 <= len(pareto["candidates"]) <= 2
-    assert pareto["objectives"][0] == "val_error" and "latency_ms[onnxruntime-cpu]" in pareto["objectives"]
+    assert (
+        pareto["objectives"][0] == "val_error"
+        and "latency_ms[onnxruntime-cpu]" in pareto["objectives"]
+    )
     for c in pareto["candidates"]:
         assert CellSpec.from_arch_str(c["arch_str"]).ops == tuple(c["ops"])
         assert c["objectives"]["latency_ms[openvino-cpu]"] > 0
     history = json.loads((chain["search"] / "history.json").read_text())
     assert len(history["trials"]) == 6
-    assert (chain["search"] / "study.db").is_file() and (chain["search"] / "supernet.safetensors").is_file()
+    assert (chain["search"] / "study.db").is_file() and (
+        chain["search"] / "supernet.safetensors"
+    ).is_file()
     # no candidate is dominated by another trial
     names = pareto["objectives"]
     vals = np.array([[t["objectives"][n] for n in names] for t in history["trials"]])
@@ -70,7 +95,15 @@ def test_train_distils_and_improves_on_inherited_weights(chain):
 
 def test_train_rejects_missing_candidate(chain):
     with pytest.raises(ConfigError, match="candidate 7 does not exist"):
-        execute("train", chain["params"], chain["root"] / "t7", tracking=False, dataset=chain["data"], search=chain["search"], candidate=7)
+        execute(
+            "train",
+            chain["params"],
+            chain["root"] / "t7",
+            tracking=False,
+            dataset=chain["data"],
+            search=chain["search"],
+            candidate=7,
+        )
     assert not (chain["root"] / "t7").exists()
 
 
@@ -94,7 +127,9 @@ def test_export_files_parity_and_dynamic_batch(chain):
     ops = {n.op_type for n in q.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert q.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
-    assert (chain["export"] / "openvino" / "int8.xml").is_file() and (chain["export"] / "openvino" / "fp32.bin").is_file()
+    assert (chain["export"] / "openvino" / "int8.xml").is_file() and (
+        chain["export"] / "openvino" / "fp32.bin"
+    ).is_file()
 
 
 def test_benchmark_promote_report(chain, tmp_path, monkeypatch):
@@ -103,7 +138,15 @@ def test_benchmark_promote_report(chain, tmp_path, monkeypatch):
     benches = []
     for target in p.targets:
         out = tmp_path / f"bench-{target}"
-        execute("benchmark", p, out, tracking=False, dataset=chain["data"], exported=[chain["export"]], target=target)
+        execute(
+            "benchmark",
+            p,
+            out,
+            tracking=False,
+            dataset=chain["data"],
+            exported=[chain["export"]],
+            target=target,
+        )
         doc = json.loads((out / "cand-0" / "benchmark.json").read_text())
         for precision in ("fp32", "int8"):
             r = doc["results"][precision]
@@ -117,11 +160,23 @@ def test_benchmark_promote_report(chain, tmp_path, monkeypatch):
     prom = json.loads((tmp_path / "promote" / "promotion.json").read_text())
     assert [d["target"] for d in prom["decisions"]] == p.targets
     assert all(d["promoted"] for d in prom["decisions"])
-    execute("report", p, tmp_path / "report", search=chain["search"], promotion=tmp_path / "promote", benchmarks=benches)
+    execute(
+        "report",
+        p,
+        tmp_path / "report",
+        search=chain["search"],
+        promotion=tmp_path / "promote",
+        benchmarks=benches,
+    )
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     for target in p.targets:
         s = summary["targets"][target]
-        assert s["version"] == "1" and s["promoted"] and s["size_bytes"] > 0 and s["latency_p50_ms"] > 0
+        assert (
+            s["version"] == "1"
+            and s["promoted"]
+            and s["size_bytes"] > 0
+            and s["latency_p50_ms"] > 0
+        )
     html = (tmp_path / "report" / "report.html").read_text()
     assert "data:image/png;base64," in html and "onnxruntime-cpu" in html
 
@@ -133,6 +188,14 @@ def test_failed_stage_leaves_previous_output_untouched(chain, tmp_path):
     from nasforge.errors import ModelFileError
 
     with pytest.raises(ModelFileError):
-        execute("export", chain["params"], out, tracking=False, dataset=chain["data"], model=chain["prune"], quantized=Path(chain["train"]))
+        execute(
+            "export",
+            chain["params"],
+            out,
+            tracking=False,
+            dataset=chain["data"],
+            model=chain["prune"],
+            quantized=Path(chain["train"]),
+        )
     assert (out / "keep.txt").read_text() == "user data"
     assert not list(tmp_path.glob(".export.partial-*"))

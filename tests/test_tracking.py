@@ -20,7 +20,16 @@ def _challenger(tmp_path: Path, acc: float, lat: float, tag: str = "a") -> Chall
     files = tmp_path / f"model-{tag}-{acc}-{lat}"
     files.mkdir()
     (files / "model.onnx").write_bytes(b"onnx-bytes-" + tag.encode())
-    return Challenger("onnxruntime-cpu", files, acc, lat, 100, "int8", "cand-0", "|skip_connect~0|+|none~0|none~1|+|none~0|none~1|none~2|")
+    return Challenger(
+        "onnxruntime-cpu",
+        files,
+        acc,
+        lat,
+        100,
+        "int8",
+        "cand-0",
+        "|skip_connect~0|+|none~0|none~1|+|none~0|none~1|none~2|",
+    )
 
 
 def test_beats_rules():
@@ -42,16 +51,24 @@ def test_registry_gate_never_moves_alias_to_worse(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = open_parent_run(uri, "t", "p", {"a": {"b": 1}})
     with stage_run(uri, "t", "promote", parent) as run:
-        first = register_and_promote(uri, run.run_id, "m", _challenger(tmp_path, 0.95, 1.0, "1"), 0.005, 0.1)
-        worse = register_and_promote(uri, run.run_id, "m", _challenger(tmp_path, 0.93, 1.0, "2"), 0.005, 0.1)
-        better = register_and_promote(uri, run.run_id, "m", _challenger(tmp_path, 0.97, 1.0, "3"), 0.005, 0.1)
+        first = register_and_promote(
+            uri, run.run_id, "m", _challenger(tmp_path, 0.95, 1.0, "1"), 0.005, 0.1
+        )
+        worse = register_and_promote(
+            uri, run.run_id, "m", _challenger(tmp_path, 0.93, 1.0, "2"), 0.005, 0.1
+        )
+        better = register_and_promote(
+            uri, run.run_id, "m", _challenger(tmp_path, 0.97, 1.0, "3"), 0.005, 0.1
+        )
     assert first.promoted and first.reason == "no champion yet"
     assert not worse.promoted and "kept champion" in worse.reason
     assert better.promoted and better.incumbent_version == first.version
     c = client(uri)
     assert c.get_model_version_by_alias("m", "champion-onnxruntime-cpu").version == better.version
     tags = c.get_model_version("m", worse.version).tags
-    assert tags["nasforge.decision"] == "kept-incumbent" and "kept champion" in tags["nasforge.reason"]
+    assert (
+        tags["nasforge.decision"] == "kept-incumbent" and "kept champion" in tags["nasforge.reason"]
+    )
     # the stage run is nested under the parent
     assert c.get_run(run.run_id).data.tags["mlflow.parentRunId"] == parent
 
@@ -122,7 +139,9 @@ def test_registry_on_real_mlflow_server(mlflow_server, tmp_path):
     uri = mlflow_server
     parent = open_parent_run(uri, "srv", "p", {"x": 1})
     with stage_run(uri, "srv", "promote", parent) as run:
-        d = register_and_promote(uri, run.run_id, "srv-model", _challenger(tmp_path, 0.9, 2.0), 0.005, 0.1)
+        d = register_and_promote(
+            uri, run.run_id, "srv-model", _challenger(tmp_path, 0.9, 2.0), 0.005, 0.1
+        )
     assert d.promoted
     c = client(uri)
     mv = c.get_model_version_by_alias("srv-model", "champion-onnxruntime-cpu")

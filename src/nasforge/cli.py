@@ -17,17 +17,27 @@ from nasforge.errors import ConfigError, NasforgeError
 
 
 def _common(p: argparse.ArgumentParser, output: bool = True) -> None:
-    p.add_argument("--params", type=Path, default=None, help="params.yaml (default: built-in defaults)")
+    p.add_argument(
+        "--params", type=Path, default=None, help="params.yaml (default: built-in defaults)"
+    )
     if output:
-        p.add_argument("--output", type=Path, required=True, help="output folder (replaced on success)")
-    p.add_argument("--parent-run-id", default=os.environ.get("NASFORGE_PARENT_RUN_ID"), help="MLflow parent run id")
+        p.add_argument(
+            "--output", type=Path, required=True, help="output folder (replaced on success)"
+        )
+    p.add_argument(
+        "--parent-run-id",
+        default=os.environ.get("NASFORGE_PARENT_RUN_ID"),
+        help="MLflow parent run id",
+    )
     p.add_argument("--run-name", default=None, help="name of this stage's MLflow run")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
-    ap = argparse.ArgumentParser(prog="nasforge", description="Hardware-aware NAS and compression pipeline.")
+    ap = argparse.ArgumentParser(
+        prog="nasforge", description="Hardware-aware NAS and compression pipeline."
+    )
     ap.add_argument("--version", action="version", version=f"nasforge {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -54,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="measure exported models on a target")
     _common(p)
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--exported", type=Path, nargs="+", required=True, help="export folders (one per candidate)")
+    p.add_argument(
+        "--exported", type=Path, nargs="+", required=True, help="export folders (one per candidate)"
+    )
     p.add_argument("--target", required=True)
     p = sub.add_parser("promote", help="register the best model per target and gate the champion")
     _common(p)
@@ -76,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     for action in ("submit", "schedule"):
         c = psub.add_parser(action, help=f"{action} the compiled pipeline on a KFP host")
         c.add_argument("--host", required=True)
-        c.add_argument("--package", type=Path, default=Path("pipelines/compiled/nasforge_pipeline.yaml"))
+        c.add_argument(
+            "--package", type=Path, default=Path("pipelines/compiled/nasforge_pipeline.yaml")
+        )
         c.add_argument("--params", type=Path, default=Path("params.yaml"))
         c.add_argument("--experiment", default="nasforge")
         if action == "submit":
@@ -87,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--cron", required=True, help="KFP 6-field cron, e.g. '0 0 3 * * *'")
             c.add_argument("--job-name", default="nasforge-nightly")
 
-    p = sub.add_parser("bench-search", help="benchmark search strategies on a tabular NAS benchmark")
+    p = sub.add_parser(
+        "bench-search", help="benchmark search strategies on a tabular NAS benchmark"
+    )
     p.add_argument("--table", type=Path, required=True)
     p.add_argument("--objectives", required=True, help="COL:max,COL:min[,...]")
     p.add_argument("--strategies", default="optuna-random,optuna-tpe,optuna-nsga2,regevo,hybrid")
@@ -97,12 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
 
     p = sub.add_parser("targets", help="list hardware targets and whether they are available here")
-    p.add_argument("--table", type=Path, default=None, help="NB201-style CSV for table:<column> targets")
+    p.add_argument(
+        "--table", type=Path, default=None, help="NB201-style CSV for table:<column> targets"
+    )
     return ap
 
 
 def _stage_inputs(args: argparse.Namespace) -> dict:
-    keys = ("data", "search", "candidate", "model", "quantized", "exported", "target", "benchmarks", "promotion")
+    keys = (
+        "data",
+        "search",
+        "candidate",
+        "model",
+        "quantized",
+        "exported",
+        "target",
+        "benchmarks",
+        "promotion",
+    )
     mapping = {"data": "dataset"}
     out = {}
     for k in keys:
@@ -155,11 +183,24 @@ def _pipeline(args: argparse.Namespace) -> int:
     arguments = {"params_json": params.to_json()}
     if args.pipeline_command == "submit":
         run_id = kfp_client.submit(
-            args.package, args.host, experiment=args.experiment, run_name=args.run_name, params=arguments, wait=args.wait, timeout=args.timeout
+            args.package,
+            args.host,
+            experiment=args.experiment,
+            run_name=args.run_name,
+            params=arguments,
+            wait=args.wait,
+            timeout=args.timeout,
         )
         print(f"submitted run {run_id}")
     else:
-        job_id = kfp_client.schedule(args.package, args.host, experiment=args.experiment, job_name=args.job_name, cron=args.cron, params=arguments)
+        job_id = kfp_client.schedule(
+            args.package,
+            args.host,
+            experiment=args.experiment,
+            job_name=args.job_name,
+            cron=args.cron,
+            params=arguments,
+        )
         print(f"scheduled recurring run {job_id} ({args.cron})")
     return 0
 
@@ -170,7 +211,9 @@ def _bench_search(args: argparse.Namespace) -> int:
     try:
         budgets = [int(b) for b in args.budgets.split(",")]
     except ValueError:
-        raise ConfigError(f"--budgets must be comma-separated integers, got {args.budgets!r}") from None
+        raise ConfigError(
+            f"--budgets must be comma-separated integers, got {args.budgets!r}"
+        ) from None
     doc = run_bench_search(
         args.table,
         parse_objectives(args.objectives),
@@ -180,7 +223,12 @@ def _bench_search(args: argparse.Namespace) -> int:
         args.out,
         workers=args.workers,
     )
-    print(json.dumps({s: {b: r["median_gap"] for b, r in v.items()} for s, v in doc["results"].items()}, indent=1))
+    print(
+        json.dumps(
+            {s: {b: r["median_gap"] for b, r in v.items()} for s, v in doc["results"].items()},
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -33,7 +33,9 @@ class RunParams(_Section):
 class DataParams(_Section):
     """Dataset source and split."""
 
-    source: str = Field("digits", description="'digits', an ImageFolder dir, a .tar of one, or .npz")
+    source: str = Field(
+        "digits", description="'digits', an ImageFolder dir, a .tar of one, or .npz"
+    )
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
     max_per_class: int | None = Field(None, ge=1, description="subsample each class (time-boxing)")

@@ -65,16 +65,22 @@ def load_model(path: str | Path) -> tuple[CellNetwork, dict[str, Any]]:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelFileError(f"corrupt or truncated weights {weights}: {err}") from None
-    model = build_cell_network(CellSpec.from_arch_str(meta["arch_str"]), CellNetworkShape(**meta["shape"]))
+    model = build_cell_network(
+        CellSpec.from_arch_str(meta["arch_str"]), CellNetworkShape(**meta["shape"])
+    )
     own = model.state_dict()
     try:
-        if all(k in own and own[k].shape == v.shape for k, v in state.items()) and len(state) == len(own):
+        if all(k in own and own[k].shape == v.shape for k, v in state.items()) and len(
+            state
+        ) == len(own):
             model.load_state_dict(state)
         else:
             from nasforge.compress.prune import load_pruned_weights
 
             load_pruned_weights(model, state)
     except (RuntimeError, KeyError, ValueError) as err:
-        raise ModelFileError(f"weights {weights} do not fit architecture {meta['arch_str']}: {err}") from None
+        raise ModelFileError(
+            f"weights {weights} do not fit architecture {meta['arch_str']}: {err}"
+        ) from None
     model.eval()
     return model, meta

@@ -123,7 +123,9 @@ def fit(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module | Callable, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module | Callable, x: torch.Tensor, batch_size: int = 512
+) -> torch.Tensor:
     """Logits of ``model`` on ``x`` in eval mode, batched."""
     if isinstance(model, nn.Module):
         try:

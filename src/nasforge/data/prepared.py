@@ -55,7 +55,9 @@ class PreparedData:
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
 
 
-def split_raw(raw: RawData, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+def split_raw(
+    raw: RawData, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
     """Deterministic stratified train/val/test split (a predefined test pool is kept as is)."""
 
     def strat(y: np.ndarray) -> np.ndarray | None:
@@ -80,7 +82,9 @@ def split_raw(raw: RawData, val_fraction: float, test_fraction: float, seed: int
     }  # fmt: skip
 
 
-def save_prepared(arrays: dict[str, np.ndarray], classes: list[str], source: str, seed: int, out_dir: Path) -> dict:
+def save_prepared(
+    arrays: dict[str, np.ndarray], classes: list[str], source: str, seed: int, out_dir: Path
+) -> dict:
     """Write ``dataset.npz`` and ``meta.json`` into ``out_dir``; return the metadata."""
     x = arrays["x_train"].astype(np.float64) / 255.0
     mean = x.mean(axis=(0, 2, 3)).tolist()

@@ -127,7 +127,9 @@ def load_image_folder(path: Path, image_size: int | None, max_per_class: int | N
         for p in sorted(path.rglob("*"))
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     ]
-    return _assemble(_group_by_split(items), lambda p: p.read_bytes(), image_size, max_per_class, str(path))
+    return _assemble(
+        _group_by_split(items), lambda p: p.read_bytes(), image_size, max_per_class, str(path)
+    )
 
 
 def load_image_tar(path: Path, image_size: int | None, max_per_class: int | None) -> RawData:
@@ -202,7 +204,9 @@ def load_npz(path: Path) -> RawData:
     return raw
 
 
-def load_source(source: str, image_size: int | None = None, max_per_class: int | None = None) -> RawData:
+def load_source(
+    source: str, image_size: int | None = None, max_per_class: int | None = None
+) -> RawData:
     """Load any supported source by name or path.
 
     Args:
@@ -231,7 +235,9 @@ def load_source(source: str, image_size: int | None = None, max_per_class: int |
         raise DataError(f"dataset {source} is empty")
     # ImageFolder readers subsample while decoding; in-memory sources are subsampled here.
     if max_per_class is not None and (source == "digits" or Path(source).suffix == ".npz"):
-        keep = np.concatenate([np.flatnonzero(raw.y == c)[:max_per_class] for c in np.unique(raw.y)])
+        keep = np.concatenate(
+            [np.flatnonzero(raw.y == c)[:max_per_class] for c in np.unique(raw.y)]
+        )
         keep.sort()
         raw.x, raw.y = raw.x[keep], raw.y[keep]
     return raw

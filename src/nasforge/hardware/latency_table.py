@@ -374,6 +374,10 @@ def build_latency_table(
             sessions = {
                 k: open_session(p, tgt, bs, shape, threads) for k, (p, shape) in models.items()
             }
+            # Calibration networks are timed in the same interleaved rounds as the blocks, so
+            # both see the same machine state (load, frequency) and the fit relates like to like.
+            for i, p in enumerate(nets):
+                sessions[f"net#{i}"] = open_session(p, tgt, bs, space.input_shape(), threads)
             med = time_interleaved(sessions, warmup, repeats, rounds, clock)
             del sessions
             baselines[bs] = med["baseline#1"]
@@ -387,21 +391,15 @@ def build_latency_table(
             table_blocks[bs] = lat
             say(f"batch {bs}: profiled {len(blocks)} blocks")
             if nets:
-                net_sessions = {
-                    str(i): open_session(p, tgt, bs, space.input_shape(), threads)
-                    for i, p in enumerate(nets)
-                }
-                measured = time_interleaved(net_sessions, warmup, repeats, rounds, clock)
-                del net_sessions
                 x = np.array(
                     [
                         sum(n * lat[k] for k, n in space.block_counts(s, folds).items())
                         for s in specs
                     ]
                 )
-                y = np.array([measured[str(i)] for i in range(len(specs))])
+                y = np.array([med[f"net#{i}"] for i in range(len(specs))])
                 scale, overhead = _fit_line(x, y)
-                fit = scale * x + overhead
+                fit = np.maximum(scale * x + overhead, baselines[bs])
                 calibs[bs] = Calibration(
                     scale=scale,
                     overhead_ms=overhead,

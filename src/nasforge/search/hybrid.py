@@ -119,7 +119,7 @@ class HybridSampler(ArchSampler):
         seed: int | None = None,
         search_space: SearchSpace | None = None,
         prior: Prior | None = None,
-        n_init: int = 10,
+        n_init: int = 5,
         p_mutation: float = 0.1,
         max_pool: int = 50_000,
         features: FeatureFn | None = None,

@@ -23,6 +23,7 @@ import csv
 import json
 import multiprocessing
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 from scipy.stats import wilcoxon
+from threadpoolctl import threadpool_limits
 
 from nasforge.errors import ConfigError, DataError
 from nasforge.search.pareto import hypervolume, pareto_front
@@ -105,7 +107,7 @@ class TabularProblem:
         raw: ``(5**6, m)`` raw values indexed by canonical cell index (NaN where the table has
             no row for the cell).
         roi: ``(5**6, m)`` ROI losses (see the module docstring).
-        true_front: distinct non-dominated ROI losses of the whole table.
+        true_front: distinct non-dominated ROI losses of the whole table, inside the ROI.
         hv_true: hypervolume of the true front (reference point 1.0).
     """
 
@@ -170,7 +172,8 @@ def load_problem(table: Path, objectives: list[tuple[str, str]]) -> TabularProbl
             lv = np.log10(v)
             span = lv.max() - lv.min()
             roi[seen, j] = (lv - lv.min()) / span if span > 0 else 0.0
-    front = pareto_front(roi[seen])
+    inside = roi[seen][np.all(roi[seen] < 1.0, axis=1)]  # only the ROI counts
+    front = pareto_front(inside) if len(inside) else inside
     hv_true = hypervolume(front, np.ones(m))
     if hv_true <= 0:
         raise DataError(f"{table}: no cell inside the region of interest")
@@ -258,6 +261,11 @@ def _curve_points(budget: int) -> list[int]:
 def _run_job(args: tuple[str, tuple[tuple[str, str], ...], str, int, int, list[int]]) -> dict:
     table, objectives, strategy, seed, budget, checkpoints = args
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    # One thread per worker: the pool already uses the cores, nested BLAS/torch pools only
+    # contend (GPSampler runs torch).
+    threadpool_limits(1)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
     problem = _cached_problem(table, objectives)
     t0 = time.perf_counter()
     study = search_table(problem, strategy, seed, budget)
@@ -383,25 +391,34 @@ def _summarize(
         s: sorted((r for r in rows if r["strategy"] == s), key=lambda r: r["seed"])
         for s in strategies
     }
-    base = {r["seed"]: r for r in by[BASELINE]}
+    seeds_of = {s: {r["seed"]: r for r in by[s]} for s in strategies}
     results: dict[str, dict[str, Any]] = {}
     curves: dict[str, dict[str, list[float]]] = {}
+
+    def paired_p(s: str, other: str, b: int) -> float | None:
+        common = sorted(set(seeds_of[s]) & set(seeds_of[other]))
+        return _wilcoxon_p(
+            [seeds_of[s][k]["gaps"][b] for k in common],
+            [seeds_of[other][k]["gaps"][b] for k in common],
+        )
+
     for s in strategies:
         results[s] = {}
         for b in budgets:
             g = [r["gaps"][b] for r in by[s]]
-            paired = [r for r in by[s] if r["seed"] in base]
-            p = None
-            if s != BASELINE:
-                p = _wilcoxon_p(
-                    [r["gaps"][b] for r in paired], [base[r["seed"]]["gaps"][b] for r in paired]
-                )
             results[s][str(b)] = {
                 "median_gap": float(np.median(g)),
                 "q25": float(np.quantile(g, 0.25)),
                 "q75": float(np.quantile(g, 0.75)),
-                "p_vs_nsga2": p,
+                "p_vs_nsga2": None if s == BASELINE else paired_p(s, BASELINE, b),
                 "seeds": len(g),
+                # Paired two-sided Wilcoxon p against every other Optuna sampler in the run.
+                "p_vs": {
+                    o: paired_p(s, o, b)
+                    for o in strategies
+                    if o != s and o.startswith("optuna-") and o != BASELINE
+                },
+                "gaps": g,  # per seed, seeds 0..n-1, for later paired tests
             }
         gaps = np.array([[r["gaps"][c] for c in checkpoints] for r in by[s]])
         curves[s] = {
@@ -465,6 +482,7 @@ def plot_curves(doc: dict, path: Path, title: str | None = None) -> None:
         ax.plot(c["evaluations"], c["median"], label=s)
         ax.fill_between(c["evaluations"], c["q25"], c["q75"], alpha=0.15)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("evaluations")
     ax.set_ylabel("HV gap (median, IQR)")
     ax.set_title(title or ", ".join(doc["problem"]["objectives"]), fontsize=8)

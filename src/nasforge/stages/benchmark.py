@@ -39,7 +39,9 @@ def _energy(latency_ms: float, target_name: str) -> dict[str, Any]:
         return {"source": "not available", "mj": None}
 
 
-def run(params: Params, dataset: Path, exported: list[Path], target: str, output: Path) -> StageResult:
+def run(
+    params: Params, dataset: Path, exported: list[Path], target: str, output: Path
+) -> StageResult:
     """Benchmark every export folder in ``exported`` on ``target``."""
     t = get_target(target)
     t.check_available()
@@ -48,7 +50,9 @@ def run(params: Params, dataset: Path, exported: list[Path], target: str, output
     # A folder may be one export or a parent of several (DVC passes artifacts/export).
     folders = sorted({f.parent for d in exported for f in Path(d).rglob(EXPORT_JSON)})
     if not folders:
-        raise ModelFileError(f"no export folders (with {EXPORT_JSON}) in {', '.join(map(str, exported))}")
+        raise ModelFileError(
+            f"no export folders (with {EXPORT_JSON}) in {', '.join(map(str, exported))}"
+        )
     for folder in folders:
         doc = benchmark_one(params, data, Path(folder), t, output)
         for precision, r in doc["results"].items():
@@ -87,7 +91,14 @@ def benchmark_one(params: Params, data, exported: Path, t, output_root: Path) ->
         latency = {}
         if t.kind == "runtime":
             for bs in bp.batch_sizes:
-                res = t.measure(files[0], batch_size=bs, input_shape=data.input_shape, warmup=bp.warmup, repeats=bp.repeats, threads=threads)
+                res = t.measure(
+                    files[0],
+                    batch_size=bs,
+                    input_shape=data.input_shape,
+                    warmup=bp.warmup,
+                    repeats=bp.repeats,
+                    threads=threads,
+                )
                 latency[str(bs)] = res.as_dict()
                 latency[str(bs)].pop("system", None)
         else:

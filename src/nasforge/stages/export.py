@@ -52,15 +52,21 @@ def run(params: Params, dataset: Path, model: Path, quantized: Path, output: Pat
     export_fp32(net, example, output / FILES[("onnxruntime", "fp32")])
     export_int8(qprog, example, output / FILES[("onnxruntime", "int8")])
     for precision in ("fp32", "int8"):
-        to_openvino_ir(output / FILES[("onnxruntime", precision)], output / FILES[("openvino", precision)])
+        to_openvino_ir(
+            output / FILES[("onnxruntime", precision)], output / FILES[("openvino", precision)]
+        )
 
     threads = params.run.threads
     qmodule = qprog.module()
     parity = {}
     for (runtime, precision), rel in FILES.items():
         ref = net if precision == "fp32" else qmodule
-        parity[f"{runtime}/{precision}"] = check_parity(ref, output / rel, x_test, runtime=runtime, threads=threads)
-    sizes = {f"{rt}/{pr}": sum(f.stat().st_size for f in model_files(output, rt, pr)) for rt, pr in FILES}
+        parity[f"{runtime}/{precision}"] = check_parity(
+            ref, output / rel, x_test, runtime=runtime, threads=threads
+        )
+    sizes = {
+        f"{rt}/{pr}": sum(f.stat().st_size for f in model_files(output, rt, pr)) for rt, pr in FILES
+    }
     doc = {
         "candidate": meta["candidate"],
         "arch_str": meta["arch_str"],
@@ -80,5 +86,13 @@ def run(params: Params, dataset: Path, model: Path, quantized: Path, output: Pat
         metrics[f"parity_maxabs_{tag}"] = p["max_abs_diff"]
     metrics.update({f"size_bytes_{k.replace('/', '_')}": v for k, v in sizes.items()})
     worst = min(p["top1_agreement"] for p in parity.values())
-    print(f"  exported {meta['candidate']}: worst top-1 parity {worst:.4f}; int8 onnx {sizes['onnxruntime/int8']} B vs fp32 {sizes['onnxruntime/fp32']} B", flush=True)
-    return StageResult(metrics=metrics, tags={"candidate": meta["candidate"]}, model_dir=output, artifacts=[output / EXPORT_JSON])
+    print(
+        f"  exported {meta['candidate']}: worst top-1 parity {worst:.4f}; int8 onnx {sizes['onnxruntime/int8']} B vs fp32 {sizes['onnxruntime/fp32']} B",
+        flush=True,
+    )
+    return StageResult(
+        metrics=metrics,
+        tags={"candidate": meta["candidate"]},
+        model_dir=output,
+        artifacts=[output / EXPORT_JSON],
+    )

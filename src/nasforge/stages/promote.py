@@ -47,9 +47,13 @@ def budget_problem(params: Params, r: dict[str, Any]) -> str | None:
     return None
 
 
-def choose(params: Params, entries: list[tuple[Path, dict[str, Any]]]) -> tuple[tuple | None, list[str]]:
+def choose(
+    params: Params, entries: list[tuple[Path, dict[str, Any]]]
+) -> tuple[tuple | None, list[str]]:
     """Best (folder, doc, precision, result) meeting the budgets: most accurate, then fastest."""
-    precisions = ["int8", "fp32"] if params.promote.precision == "any" else [params.promote.precision]
+    precisions = (
+        ["int8", "fp32"] if params.promote.precision == "any" else [params.promote.precision]
+    )
     ok, rejected = [], []
     for d, doc in entries:
         for pr in precisions:
@@ -79,7 +83,14 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
         if best is None:
             why = "; ".join(rejected) if rejected else "no benchmark results for this target"
             decisions.append(
-                Decision(target, f"{tp.model_prefix}-{target}", alias_for(target), None, False, f"no candidate meets the budgets: {why}").as_dict()
+                Decision(
+                    target,
+                    f"{tp.model_prefix}-{target}",
+                    alias_for(target),
+                    None,
+                    False,
+                    f"no candidate meets the budgets: {why}",
+                ).as_dict()
             )
             continue
         d, doc, precision, r = best
@@ -97,11 +108,19 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
         )
         model_name = f"{tp.model_prefix}-{target}".replace(":", "-")
         decision = register_and_promote(
-            tp.uri, run_id, model_name, challenger, params.promote.accuracy_tolerance, params.promote.latency_tolerance
+            tp.uri,
+            run_id,
+            model_name,
+            challenger,
+            params.promote.accuracy_tolerance,
+            params.promote.latency_tolerance,
         )
         decisions.append(decision.as_dict())
         verdict = "promoted" if decision.promoted else "not promoted"
-        print(f"  {target}: {model_name} v{decision.version} ({doc['candidate']}, {precision}) {verdict}: {decision.reason}", flush=True)
+        print(
+            f"  {target}: {model_name} v{decision.version} ({doc['candidate']}, {precision}) {verdict}: {decision.reason}",
+            flush=True,
+        )
     output.mkdir(parents=True, exist_ok=True)
     (output / PROMOTION_JSON).write_text(json.dumps({"decisions": decisions}, indent=2))
     metrics = {"promoted": sum(1 for d in decisions if d["promoted"]), "targets": len(decisions)}

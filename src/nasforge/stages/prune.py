@@ -28,13 +28,23 @@ def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult
     epochs_per_step = max(1, pp.finetune_epochs // pp.steps) if pp.finetune_epochs else 0
 
     def finetune(m: torch.nn.Module) -> None:
-        fit(m, x_train, y_train, epochs=epochs_per_step, batch_size=params.train.batch_size, lr=pp.lr, seed=params.run.seed)
+        fit(
+            m,
+            x_train,
+            y_train,
+            epochs=epochs_per_step,
+            batch_size=params.train.batch_size,
+            lr=pp.lr,
+            seed=params.run.seed,
+        )
 
     def gradients(m: torch.nn.Module) -> None:
         # Taylor importance: |w * dL/dw| from a few training batches.
         m.train()
         for i in range(0, 256, 64):
-            torch.nn.functional.cross_entropy(m(x_train[i : i + 64]), y_train[i : i + 64]).backward()
+            torch.nn.functional.cross_entropy(
+                m(x_train[i : i + 64]), y_train[i : i + 64]
+            ).backward()
 
     if pp.channel_ratio > 0:
         from nasforge.compress.prune import prune_structured
@@ -62,5 +72,13 @@ def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult
             metrics[f"prune_{k}"] = v
     meta["history"] = [*meta.get("history", []), {"stage": "prune", **metrics}]
     save_model(net, output, meta)
-    print(f"  pruned {meta['candidate']}: params {before['params']} -> {metrics['params']}, val {before['val_accuracy']:.4f} -> {metrics['val_accuracy']:.4f}", flush=True)
-    return StageResult(metrics=metrics, tags={"candidate": meta["candidate"]}, model_dir=output, artifacts=[output / "model.json"])
+    print(
+        f"  pruned {meta['candidate']}: params {before['params']} -> {metrics['params']}, val {before['val_accuracy']:.4f} -> {metrics['val_accuracy']:.4f}",
+        flush=True,
+    )
+    return StageResult(
+        metrics=metrics,
+        tags={"candidate": meta["candidate"]},
+        model_dir=output,
+        artifacts=[output / "model.json"],
+    )

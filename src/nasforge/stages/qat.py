@@ -47,9 +47,20 @@ def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult
         "val_accuracy": accuracy(reloaded, x_val, y_val),
         "test_accuracy": accuracy(reloaded, x_test, y_test),
     }
-    meta["history"] = [*meta.get("history", []), {"stage": "qat", **metrics, "scheme": result.scheme}]
+    meta["history"] = [
+        *meta.get("history", []),
+        {"stage": "qat", **metrics, "scheme": result.scheme},
+    ]
     meta["quant_scheme"] = result.scheme
     (output / MODEL_JSON).write_text(json.dumps(meta, indent=2))
-    print(f"  QAT {meta['candidate']}: val {fp32_val:.4f} (fp32) -> {metrics['val_accuracy']:.4f} (int8), scheme {result.scheme}", flush=True)
-    tags = {"candidate": meta["candidate"], **{f"quant.{k}": str(v) for k, v in result.scheme.items()}}
-    return StageResult(metrics=metrics, tags=tags, model_dir=output, artifacts=[output / MODEL_JSON])
+    print(
+        f"  QAT {meta['candidate']}: val {fp32_val:.4f} (fp32) -> {metrics['val_accuracy']:.4f} (int8), scheme {result.scheme}",
+        flush=True,
+    )
+    tags = {
+        "candidate": meta["candidate"],
+        **{f"quant.{k}": str(v) for k, v in result.scheme.items()},
+    }
+    return StageResult(
+        metrics=metrics, tags=tags, model_dir=output, artifacts=[output / MODEL_JSON]
+    )

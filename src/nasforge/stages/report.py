@@ -23,7 +23,9 @@ def _champion_version(uri: str, model_name: str, target: str) -> str | None:
         return None
 
 
-def build_summary(params: Params, run_id: str, promotion: dict[str, Any], search_dir: Path) -> dict[str, Any]:
+def build_summary(
+    params: Params, run_id: str, promotion: dict[str, Any], search_dir: Path
+) -> dict[str, Any]:
     """Per target: model name/version, accuracy, latency p50 (batch 1), size, promoted or not, why."""
     targets: dict[str, Any] = {}
     for d in promotion["decisions"]:
@@ -40,7 +42,9 @@ def build_summary(params: Params, run_id: str, promotion: dict[str, Any], search
             "size_bytes": ch.get("size_bytes"),
             "promoted": d["promoted"],
             "reason": d["reason"],
-            "champion_version": _champion_version(params.tracking.uri, d["model_name"], d["target"]),
+            "champion_version": _champion_version(
+                params.tracking.uri, d["model_name"], d["target"]
+            ),
         }
     return {
         "run_id": run_id,
@@ -51,7 +55,9 @@ def build_summary(params: Params, run_id: str, promotion: dict[str, Any], search
     }
 
 
-def run(params: Params, search: Path, promotion: Path, benchmarks: list[Path], output: Path, run_id: str) -> StageResult:
+def run(
+    params: Params, search: Path, promotion: Path, benchmarks: list[Path], output: Path, run_id: str
+) -> StageResult:
     """Write ``report.html`` and ``summary.json`` to ``output``."""
     pareto = load_pareto(search)
     history = json.loads((Path(search) / "history.json").read_text())

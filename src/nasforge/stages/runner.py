@@ -109,7 +109,10 @@ def execute(
             raise
         _replace_dir(tmp, output)
         # Paths the stage reported under the temporary folder now live under ``output``.
-        result.artifacts = [output / Path(a).relative_to(tmp) if tmp in Path(a).parents else Path(a) for a in result.artifacts]
+        result.artifacts = [
+            output / Path(a).relative_to(tmp) if tmp in Path(a).parents else Path(a)
+            for a in result.artifacts
+        ]
         if result.model_dir is not None:
             result.model_dir = output
         return result
@@ -121,7 +124,12 @@ def execute(
 
         tp = params.tracking
         with stage_run(tp.uri, tp.experiment, stage, parent_run_id, run_name=label) as run:
-            run.set_tags({"nasforge.output": str(output), **{k: v for k, v in inputs.items() if isinstance(v, str | int)}})
+            run.set_tags(
+                {
+                    "nasforge.output": str(output),
+                    **{k: v for k, v in inputs.items() if isinstance(v, str | int)},
+                }
+            )
             result = call(run.run_id)
             seconds = time.perf_counter() - t0
             run.log_metrics({**result.metrics, "stage_seconds": seconds})

@@ -40,7 +40,9 @@ from nasforge.training import accuracy
 STUDY_NAME = "nasforge-search"
 
 
-def network_shape(params: Params, input_shape: tuple[int, ...], num_classes: int) -> CellNetworkShape:
+def network_shape(
+    params: Params, input_shape: tuple[int, ...], num_classes: int
+) -> CellNetworkShape:
     """The network shape the search space is built with."""
     return CellNetworkShape(
         in_channels=input_shape[0],
@@ -110,7 +112,9 @@ class SubnetEvaluator:
         return values
 
 
-def select_candidates(records: list[dict[str, Any]], names: list[str], k: int) -> list[dict[str, Any]]:
+def select_candidates(
+    records: list[dict[str, Any]], names: list[str], k: int
+) -> list[dict[str, Any]]:
     """Pick up to ``k`` candidates: the first non-dominated front, spread over accuracy, then the next
     fronts if the first is smaller than ``k``. Each record gets its ``rank``."""
     losses = np.array([[r["objectives"][n] for n in names] for r in records], dtype=float)
@@ -119,7 +123,9 @@ def select_candidates(records: list[dict[str, Any]], names: list[str], k: int) -
         r["rank"] = int(rank)
     chosen: list[dict[str, Any]] = []
     for rank in sorted(set(int(x) for x in ranks)):
-        front = sorted((r for r in records if r["rank"] == rank), key=lambda r: r["objectives"]["val_error"])
+        front = sorted(
+            (r for r in records if r["rank"] == rank), key=lambda r: r["objectives"]["val_error"]
+        )
         need = k - len(chosen)
         if need <= 0:
             break
@@ -156,7 +162,10 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
     )
     supernet_seconds = time.perf_counter() - t0
     output.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in supernet.state_dict().items()}, str(output / "supernet.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in supernet.state_dict().items()},
+        str(output / "supernet.safetensors"),
+    )
 
     evaluator = SubnetEvaluator(supernet, params, data, targets)
     names = evaluator.objective_names()
@@ -169,7 +178,9 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
         load_if_exists=True,
     )
     study.set_metric_names(names)
-    distributions = {n: optuna.distributions.CategoricalDistribution(list(OPS)) for n in PARAM_NAMES}
+    distributions = {
+        n: optuna.distributions.CategoricalDistribution(list(OPS)) for n in PARAM_NAMES
+    }
 
     # The largest subnet is the distillation teacher; evaluating it first also anchors the front.
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -184,7 +195,10 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
         trial_no = len(done) + 1
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if trial_no % max(1, sp.trials // 5) == 0 or trial_no == sp.trials:
-            print(f"  search trial {trial_no}/{sp.trials}: {spec.arch_str} err={values['val_error']:.3f}", flush=True)
+            print(
+                f"  search trial {trial_no}/{sp.trials}: {spec.arch_str} err={values['val_error']:.3f}",
+                flush=True,
+            )
     search_seconds = time.perf_counter() - t1
 
     records = []
@@ -213,7 +227,9 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
         json.dumps({"supernet_loss": losses, "trials": records, "strategy": sp.strategy}, indent=2)
     )
     best = min(records, key=lambda r: r["objectives"]["val_error"])
-    print(f"  Pareto front: {len(pareto['front'])} subnets; {len(candidates)} candidates", flush=True)
+    print(
+        f"  Pareto front: {len(pareto['front'])} subnets; {len(candidates)} candidates", flush=True
+    )
     return StageResult(
         metrics={
             "supernet_seconds": supernet_seconds,

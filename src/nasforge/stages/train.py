@@ -37,11 +37,19 @@ def load_supernet(search_dir: Path, shape: CellNetworkShape) -> CellSupernet:
     return supernet
 
 
-def extract(supernet: CellSupernet, spec: CellSpec, x_train: torch.Tensor, batch_size: int) -> torch.nn.Module:
+def extract(
+    supernet: CellSupernet, spec: CellSpec, x_train: torch.Tensor, batch_size: int
+) -> torch.nn.Module:
     """Standalone subnet with inherited weights and recalibrated BatchNorm."""
     supernet.set_active_subnet(spec)
     subnet = supernet.get_active_subnet()
-    recalibrate_bn(subnet, [x_train[i : i + batch_size] for i in range(0, min(len(x_train), 8 * batch_size), batch_size)])
+    recalibrate_bn(
+        subnet,
+        [
+            x_train[i : i + batch_size]
+            for i in range(0, min(len(x_train), 8 * batch_size), batch_size)
+        ],
+    )
     return subnet
 
 
@@ -100,5 +108,13 @@ def run(params: Params, dataset: Path, search: Path, candidate: int, output: Pat
         "history": [{"stage": "train", **metrics}],
     }
     save_model(student, output, meta)
-    print(f"  {cand['id']} {spec.arch_str}: val {metrics['val_accuracy']:.4f} (inherited {inherited_acc:.4f}, teacher {teacher_acc:.4f})", flush=True)
-    return StageResult(metrics=metrics, tags={"candidate": cand["id"], "arch_str": spec.arch_str}, model_dir=output, artifacts=[output / "model.json"])
+    print(
+        f"  {cand['id']} {spec.arch_str}: val {metrics['val_accuracy']:.4f} (inherited {inherited_acc:.4f}, teacher {teacher_acc:.4f})",
+        flush=True,
+    )
+    return StageResult(
+        metrics=metrics,
+        tags={"candidate": cand["id"], "arch_str": spec.arch_str},
+        model_dir=output,
+        artifacts=[output / "model.json"],
+    )

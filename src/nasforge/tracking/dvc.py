@@ -46,5 +46,7 @@ def push(path: str | Path, remote: str | Path) -> str:
     except OSError as err:
         raise TrackingError(f"cannot push {path} to DVC remote {remote}: {err}") from None
     if result.failed:
-        raise TrackingError(f"DVC push of {path} to {remote} failed for {len(result.failed)} object(s)")
+        raise TrackingError(
+            f"DVC push of {path} to {remote} failed for {len(result.failed)} object(s)"
+        )
     return obj.hash_info.value

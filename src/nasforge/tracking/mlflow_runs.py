@@ -41,7 +41,9 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - user's server
                 if resp.status != 200:
-                    raise TrackingError(f"MLflow tracking server {uri} answered {resp.status} on /health")
+                    raise TrackingError(
+                        f"MLflow tracking server {uri} answered {resp.status} on /health"
+                    )
         except (urllib.error.URLError, OSError, TimeoutError) as err:
             reason = getattr(err, "reason", err)
             raise TrackingError(f"MLflow tracking server {uri} is unreachable: {reason}") from None

@@ -123,7 +123,9 @@ def register_and_promote(
     artifact_path = f"models/{alias.removeprefix('champion-')}"
     c.log_artifacts(run_id, str(challenger.files), artifact_path)
     try:
-        c.create_registered_model(model_name, description=f"nasforge models for {challenger.target}")
+        c.create_registered_model(
+            model_name, description=f"nasforge models for {challenger.target}"
+        )
     except Exception:  # noqa: BLE001 - already exists
         pass
     tags = {
@@ -148,7 +150,9 @@ def register_and_promote(
         promoted, reason = beats(challenger, incumbent, acc_tol, lat_tol)
     if promoted:
         c.set_registered_model_alias(model_name, alias, mv.version)
-    c.set_model_version_tag(model_name, mv.version, "nasforge.decision", "promoted" if promoted else "kept-incumbent")
+    c.set_model_version_tag(
+        model_name, mv.version, "nasforge.decision", "promoted" if promoted else "kept-incumbent"
+    )
     c.set_model_version_tag(model_name, mv.version, "nasforge.reason", reason)
     return Decision(
         target=challenger.target,
