@@ -20,6 +20,7 @@ TINY = {
     "prune": {"finetune_epochs": 1, "channel_ratio": 0.25},
     "qat": {"epochs": 1},
     "benchmark": {"batch_sizes": [1, 4], "warmup": 2, "repeats": 5},
+    "targets": ["onnxruntime-cpu", "openvino-cpu"],  # dvc.yaml's foreach reads it from the file
     "dvc_candidates": [0, 1],
 }
 

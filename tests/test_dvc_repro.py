@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +19,9 @@ def test_dvc_repro_runs_every_stage(tmp_path):
     bin_dir = Path(sys.executable).parent
     dvc = str(bin_dir / "dvc")
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
-    params = {**TINY, "dvc_candidates": [0], "search": {**TINY["search"], "max_candidates": 1}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    # DVC needs every section dvc.yaml names to exist in the file: write the full validated form.
+    params = tiny_params(search={"max_candidates": 1}, dvc_candidates=[0])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True, env=env)
     subprocess.run(

@@ -81,7 +81,7 @@ def test_qat_with_callback_and_reduce_range() -> None:
 def test_ptq_beside_qat() -> None:
     x, y, xt, yt = digits()
     model = trained_tiny()
-    result = qat.ptq(model, torch.from_numpy(x[:8]), x[:256], reduce_range=False)
+    result = qat.ptq(model, torch.from_numpy(x[:8]), x[:128], reduce_range=False)
     assert result.scheme["method"] == "ptq" and result.losses == []
     assert _activation_qmax(result.model) == {255}
     assert accuracy(result.model, xt, yt) >= accuracy(model, xt, yt) - 0.05

@@ -112,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
 
+    p = sub.add_parser("profile", help="build a latency lookup table of a search space on a target")
+    p.add_argument("--target", required=True)
+    p.add_argument("--space", default="cell")
+    p.add_argument("--input-shape", default="3,32,32", help="C,H,W of the network input")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--channels", type=int, default=16)
+    p.add_argument("--cells-per-stage", type=int, default=1)
+    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="table JSON (default: the table cache)")
+
     p = sub.add_parser("targets", help="list hardware targets and whether they are available here")
     p.add_argument(
         "--table", type=Path, default=None, help="NB201-style CSV for table:<column> targets"
@@ -232,6 +243,36 @@ def _bench_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from nasforge.hardware.predictor import profile
+    from nasforge.hardware.spaces import get_space
+    from nasforge.hardware.targets import get_target
+    from nasforge.space.cell import CellNetworkShape
+
+    target = get_target(args.target)
+    target.check_available()
+    c, h, w = _ints(args.input_shape, "--input-shape")
+    shape = CellNetworkShape(c, args.num_classes, args.channels, args.cells_per_stage)
+    space = get_space(args.space, shape=shape, resolution=(h, w))
+    table, path = profile(
+        target,
+        space,
+        batch_sizes=_ints(args.batch_sizes, "--batch-sizes"),
+        threads=args.threads,
+        out=args.out,
+        progress=lambda msg: print(f"  {msg}", flush=True),
+    )
+    print(f"latency table for {target.name} / {args.space}: {path}")
+    return 0
+
+
 def _targets(args: argparse.Namespace) -> int:
     from nasforge.hardware.targets import get_target, list_targets
 
@@ -257,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bench_search(args)
         if args.command == "targets":
             return _targets(args)
+        if args.command == "profile":
+            return _profile(args)
         return _run_stage(args)
     except NasforgeError as err:
         print(f"error: {err}", file=sys.stderr)

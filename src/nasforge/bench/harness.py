@@ -65,7 +65,9 @@ class LatencyResult:
         precision: Model precision, ``"fp32"`` or ``"int8"`` (int8 = the graph has Q/DQ or
             FakeQuantize nodes).
         executed_precision: What the runtime really executed: for OpenVINO the element types of
-            the compute layers of the compiled model (e.g. ``"f32"`` or ``"u8+i8+f32"``), for ONNX
+            the compute layers of the compiled model, most frequent first (e.g. ``"f32"``,
+            ``"u8+i8+f32"``; an IR saved with FP16-compressed weights reports ``"f16"`` on the
+            layers reading them), for ONNX
             Runtime ``"fp32"`` or ``"int8+fp32"`` (QDQ kernels).
         peak_rss_bytes: Process resident-memory high-water mark while the session was built and
             run (includes the Python interpreter and runtime libraries).

@@ -94,19 +94,37 @@ def _rename_dim(model: onnx.ModelProto, old: str, new: str) -> None:
                 dim.dim_param = new
 
 
+def _strip_debug_info(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node debug metadata (FX node text, class paths, stack traces).
+
+    It is often larger than the weights of a small model (measured: 164 KB -> 98 KB for an INT8
+    ResNet-8 of 80 KB of weights) and records local source paths. Intermediate ``value_info``
+    shapes go too. The computation graph is unchanged.
+    """
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    # intermediate shapes: both runtimes infer them at load; inputs/outputs keep theirs
+    del model.graph.value_info[:]
+    for value in (*model.graph.input, *model.graph.output):
+        del value.metadata_props[:]
+        value.doc_string = ""
+
+
 def _save_checked(program: Any, path: Path, require_qdq: bool) -> Path:
     with atomic_output(path, suffix=".onnx") as tmp:
         # external_data=False: one self-contained file (our models are far below protobuf's 2 GB)
         program.save(str(tmp), external_data=False)
         model = onnx.load(str(tmp))
-        onnx.checker.check_model(model, full_check=True)
         dim = model.graph.input[0].type.tensor_type.shape.dim[0]
         if not dim.dim_param:
             raise RuntimeError(f"ONNX export lost the dynamic batch dimension ({dim})")
         if dim.dim_param != BATCH_DIM_NAME:
             # a reloaded ExportedProgram names it after its symbol (s77): give it a stable name
             _rename_dim(model, dim.dim_param, BATCH_DIM_NAME)
-            onnx.save(model, str(tmp))
+        _strip_debug_info(model)
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, str(tmp))
         if require_qdq:
             counts = Counter(n.op_type for n in model.graph.node)
             if not all(counts.get(op) for op in QDQ_OPS):

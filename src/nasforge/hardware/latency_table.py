@@ -215,6 +215,7 @@ class LatencyTable:
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(self.to_dict(), f, indent=1, sort_keys=True)
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a table is shared like any result
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

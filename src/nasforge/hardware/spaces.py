@@ -27,6 +27,7 @@ from nasforge.space.cell import (
     ReLUConvBN,
     ResidualReduction,
     build_cell_network,
+    computed_edges,
     make_op,
 )
 from nasforge.space.nb201 import EDGES, N_NODES, OPS, CellSpec, active_edges
@@ -150,21 +151,6 @@ class BlockSpace:
     def input_shape(self) -> tuple[int, ...]:
         """Network input shape without batch."""
         raise NotImplementedError
-
-
-def computed_edges(spec: CellSpec) -> list[bool]:
-    """Which edges the exported graph computes when constants are not folded.
-
-    Exporters drop computation whose result is unused, so an edge runs iff its op is not
-    ``none`` and its destination node feeds the cell output (directly or through later edges).
-    """
-    used = [False] * N_NODES
-    used[N_NODES - 1] = True
-    for node in range(N_NODES - 2, -1, -1):
-        used[node] = any(
-            spec.ops[k] != "none" and used[dst] for k, (dst, src) in enumerate(EDGES) if src == node
-        )
-    return [spec.ops[k] != "none" and used[dst] for k, (dst, _src) in enumerate(EDGES)]
 
 
 class CellBlockSpace(BlockSpace):

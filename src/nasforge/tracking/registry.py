@@ -102,7 +102,7 @@ def _incumbent(c, name: str, alias: str) -> tuple[str | None, dict[str, float] |
         }
     except (KeyError, ValueError):
         evidence = None
-    return mv.version, evidence
+    return str(mv.version), evidence
 
 
 def register_and_promote(
@@ -158,7 +158,7 @@ def register_and_promote(
         target=challenger.target,
         model_name=model_name,
         alias=alias,
-        version=mv.version,
+        version=str(mv.version),
         promoted=promoted,
         reason=reason,
         incumbent_version=inc_version,
