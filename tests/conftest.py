@@ -15,7 +15,7 @@ NB201_CSV = SHARED_DATA / "nb201" / "nb201_dev.csv"
 TINY = {
     "run": {"name": "tiny", "threads": 2},
     "space": {"channels": 8},
-    "search": {"supernet_epochs": 3, "trials": 6, "max_candidates": 2, "latency_repeats": 5},
+    "search": {"supernet_epochs": 3, "trials": 6, "max_candidates": 2},
     "train": {"epochs": 2},
     "prune": {"finetune_epochs": 1, "channel_ratio": 0.25},
     "qat": {"epochs": 1},

@@ -63,7 +63,9 @@ class SearchParams(_Section):
     max_candidates: int = Field(2, ge=1, description="Pareto candidates carried to training")
     bn_recalibration_batches: int = Field(4, ge=0)
     latency_batch_size: int = Field(1, ge=1)
-    latency_repeats: int = Field(20, ge=3)
+    latency_source: Literal["measure", "table"] = Field(
+        "measure", description="time each subnet, or predict from a profiled latency table"
+    )
 
 
 class TrainParams(_Section):

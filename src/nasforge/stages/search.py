@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ from safetensors.torch import save_file
 
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
+from nasforge.hardware.predictor import LatencyPredictor
+from nasforge.hardware.spaces import CellBlockSpace
 from nasforge.hardware.targets import Target, get_target
 from nasforge.search.pareto import non_domination_rank
 from nasforge.search.samplers import make_sampler
@@ -63,36 +64,21 @@ def resolve_targets(names: list[str]) -> list[Target]:
 class SubnetEvaluator:
     """Scores subnets of a trained supernet on every objective; caches repeated specs."""
 
-    def __init__(self, supernet: CellSupernet, params: Params, data, targets: list[Target]) -> None:
+    def __init__(
+        self, supernet: CellSupernet, params: Params, data, predictor: LatencyPredictor
+    ) -> None:
         self.supernet = supernet
         self.params = params
-        self.targets = targets
+        self.predictor = predictor
         self.x_train, _ = data.tensors("train")
         self.x_val, self.y_val = data.tensors("val")
-        self.input_shape = data.input_shape
         self.cache: dict[str, dict[str, float]] = {}
-        self._tmp = tempfile.TemporaryDirectory(prefix="nasforge-search-")
 
     def objective_names(self) -> list[str]:
         """Names of the objectives, in the study's order."""
-        return ["val_error"] + [f"latency_ms[{t.name}]" for t in self.targets] + ["params"]
-
-    def _latency(self, target: Target, subnet: torch.nn.Module, spec: CellSpec) -> float:
-        if target.kind == "table":
-            return float(target.lookup(spec.arch_str))
-        from nasforge.bench.timing_export import export_for_timing
-
-        onnx_path = Path(self._tmp.name) / "subnet.onnx"
-        export_for_timing(subnet, self.input_shape, onnx_path)
-        res = target.measure(
-            onnx_path,
-            batch_size=self.params.search.latency_batch_size,
-            input_shape=self.input_shape,
-            warmup=3,
-            repeats=self.params.search.latency_repeats,
-            threads=self.params.run.threads,
+        return (
+            ["val_error"] + [f"latency_ms[{t.name}]" for t in self.predictor.targets] + ["params"]
         )
-        return float(res.p50_ms)
 
     def evaluate(self, spec: CellSpec) -> dict[str, float]:
         """All objective values of ``spec`` (cached by ``arch_str``)."""
@@ -105,8 +91,8 @@ class SubnetEvaluator:
             bs = self.params.search.batch_size
             recalibrate_bn(subnet, [self.x_train[i * bs : (i + 1) * bs] for i in range(nb)])
         values = {"val_error": 1.0 - accuracy(subnet, self.x_val, self.y_val)}
-        for t in self.targets:
-            values[f"latency_ms[{t.name}]"] = self._latency(t, subnet, spec)
+        for name, ms in self.predictor.predict(spec).items():
+            values[f"latency_ms[{name}]"] = float(ms)
         values["params"] = float(count_parameters(subnet))
         self.cache[spec.arch_str] = values
         return values
@@ -167,7 +153,15 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
         str(output / "supernet.safetensors"),
     )
 
-    evaluator = SubnetEvaluator(supernet, params, data, targets)
+    predictor = LatencyPredictor(
+        targets,
+        CellBlockSpace(shape, data.input_shape[1:]),
+        batch_size=sp.latency_batch_size,
+        mode=sp.latency_source,
+        threads=params.run.threads,
+        progress=lambda msg: print(f"  {msg}", flush=True),
+    )
+    evaluator = SubnetEvaluator(supernet, params, data, predictor)
     names = evaluator.objective_names()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
@@ -218,6 +212,7 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
         "shape": shape.to_dict(),
         "teacher": {"arch_str": LARGEST_SPEC.arch_str},
         "targets": [t.describe() for t in targets],
+        "latency_sources": predictor.describe(),
         "candidates": [{"id": f"cand-{i}", **c} for i, c in enumerate(candidates)],
         "front": [r for r in records if r["rank"] == 0],
         "energy": "estimated or not modelled in search; measured energy is reported by benchmark",
