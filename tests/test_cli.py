@@ -40,43 +40,24 @@ def test_dataset_path_that_does_not_exist(tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
+def _search_with_targets(tmp_path, digits_dir, targets: str) -> subprocess.CompletedProcess:
+    (tmp_path / "p.yaml").write_text(f"targets: [{targets}]\n")
+    args = ["search", "--params", "p.yaml", "--data", str(digits_dir), "--output", "s"]
+    return _run([*args, "--no-tracking"], tmp_path)
+
+
 def test_unknown_target_name(tmp_path, digits_dir):
-    (tmp_path / "p.yaml").write_text("targets: [onnxruntime-cpu, quantum-tpu]\n")
-    proc = _run(
-        [
-            "search",
-            "--params",
-            "p.yaml",
-            "--data",
-            str(digits_dir),
-            "--output",
-            "s",
-            "--no-tracking",
-        ],
-        tmp_path,
-    )
+    proc = _search_with_targets(tmp_path, digits_dir, "onnxruntime-cpu, quantum-tpu")
     _assert_one_line_error(proc, "quantum-tpu")
     assert not (tmp_path / "s").exists()
 
 
 def test_gpu_target_on_cpu_machine(tmp_path, digits_dir):
-    (tmp_path / "p.yaml").write_text("targets: [tensorrt-gpu]\n")
-    proc = _run(
-        [
-            "search",
-            "--params",
-            "p.yaml",
-            "--data",
-            str(digits_dir),
-            "--output",
-            "s",
-            "--no-tracking",
-        ],
-        tmp_path,
-    )
+    proc = _search_with_targets(tmp_path, digits_dir, "tensorrt-gpu")
     if proc.returncode == 0:  # pragma: no cover - only on a machine with a GPU and TensorRT
         pytest.skip("this machine has a GPU with TensorRT")
     _assert_one_line_error(proc, "tensorrt-gpu", "not available here")
+    assert not (tmp_path / "s").exists()
 
 
 def test_missing_input_artifact(tmp_path):

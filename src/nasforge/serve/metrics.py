@@ -1,0 +1,112 @@
+"""Serving metrics kept by the inference worker and published as a JSON snapshot file.
+
+LitServe runs inference in a separate (spawned) worker process and HTTP in another, so the
+worker writes its counters to a small JSON file (temp file + rename: readers never see a half
+written file) and the ``/metrics`` route of the HTTP process reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class ServeMetrics:
+    """Counters and latency windows of one inference worker.
+
+    Args:
+        path: Snapshot file written after every batch.
+        window_s: Latency percentiles (and the policy's p99) use requests finished this recently.
+        variant_names: Names of the loaded variants, fastest first.
+    """
+
+    def __init__(self, path: Path | str, window_s: float, variant_names: list[str]) -> None:
+        self.path = Path(path)
+        self.window_s = window_s
+        self.variant_names = variant_names
+        self.requests = 0
+        self.samples = 0
+        self.batches = 0
+        self.batch_sizes: Counter[int] = Counter()
+        self.per_variant: Counter[str] = Counter()
+        self.switches: list[dict[str, Any]] = []
+        self.active = variant_names[-1] if variant_names else ""
+        self._lat: deque[tuple[float, float]] = deque()  # (finish time, latency ms)
+        self._queue: deque[tuple[float, float]] = deque()  # (batch time, queue delay ms)
+        self._all_lat: deque[float] = deque(maxlen=10000)
+
+    def _prune(self, now: float) -> None:
+        for d in (self._lat, self._queue):
+            while d and d[0][0] < now - self.window_s:
+                d.popleft()
+
+    def recent_p99_ms(self) -> float | None:
+        """p99 server latency over the window, ``None`` if no request finished in it."""
+        self._prune(time.time())
+        if not self._lat:
+            return None
+        return float(np.percentile([v for _, v in self._lat], 99))
+
+    def record_batch(
+        self, n_requests: int, n_samples: int, queue_delay_ms: float, variant: str
+    ) -> None:
+        """Count one model batch."""
+        now = time.time()
+        self.batches += 1
+        self.requests += n_requests
+        self.samples += n_samples
+        self.batch_sizes[n_samples] += 1
+        self.per_variant[variant] += n_samples
+        self.active = variant
+        self._queue.append((now, queue_delay_ms))
+
+    def record_latencies(self, latencies_ms: list[float]) -> None:
+        """Record server-side latencies (arrival to result) of finished requests."""
+        now = time.time()
+        for v in latencies_ms:
+            self._lat.append((now, v))
+            self._all_lat.append(v)
+
+    def record_switch(self, from_name: str, to_name: str, reason: str) -> None:
+        """Count one variant switch."""
+        self.switches.append(
+            {"time": time.time(), "from": from_name, "to": to_name, "reason": reason}
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready metrics."""
+        self._prune(time.time())
+
+        def pct(values: list[float]) -> dict[str, float | None]:
+            if not values:
+                return {"p50_ms": None, "p90_ms": None, "p99_ms": None}
+            p50, p90, p99 = np.percentile(values, [50, 90, 99])
+            return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99)}
+
+        return {
+            "requests": self.requests,
+            "samples": self.samples,
+            "batches": self.batches,
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "latency_recent": pct([v for _, v in self._lat]),
+            "latency_all": pct(list(self._all_lat)),
+            "queue_delay_recent": pct([v for _, v in self._queue]),
+            "window_s": self.window_s,
+            "active_variant": self.active,
+            "variants": self.variant_names,
+            "samples_per_variant": dict(self.per_variant),
+            "switch_count": len(self.switches),
+            "switches": self.switches[-50:],
+        }
+
+    def write(self) -> None:
+        """Write the snapshot atomically."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.snapshot()))
+        os.replace(tmp, self.path)

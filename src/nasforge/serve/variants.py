@@ -1,0 +1,172 @@
+"""Find the models a server holds for a target: from a folder or from the MLflow registry.
+
+A *variant* is one servable model file of the target's runtime and precision plus what is known
+about it (accuracy, size). Folders accepted (searched recursively, so a parent of many candidate
+folders gives one variant per candidate):
+
+* a benchmark output ``<candidate>/benchmark.json`` + ``<candidate>/model/<precision>/``;
+* an export folder with ``export.json`` (``fp32.onnx``, ``int8.onnx``, ``openvino/*.xml``).
+
+From the registry, every version of ``nasforge-<target>`` is a variant; the one behind alias
+``champion-<target>`` is marked as champion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from nasforge.errors import ModelFileError, TargetError, TrackingError
+from nasforge.hardware.targets import get_target
+
+_EXPORT_FILES = {
+    ("onnxruntime", "fp32"): "fp32.onnx",
+    ("onnxruntime", "int8"): "int8.onnx",
+    ("openvino", "fp32"): "openvino/fp32.xml",
+    ("openvino", "int8"): "openvino/int8.xml",
+}
+
+
+@dataclasses.dataclass
+class VariantSpec:
+    """One servable model.
+
+    Attributes:
+        name: Unique display name (candidate or registry version).
+        path: Model file (``.onnx`` or OpenVINO ``.xml``).
+        accuracy: Test accuracy of the exported model if recorded, else ``None``.
+        size_bytes: Bytes of the model files (memory estimate for the budget).
+        champion: True for the registry champion.
+    """
+
+    name: str
+    path: Path
+    accuracy: float | None
+    size_bytes: int
+    champion: bool = False
+
+
+def _runtime_precision(target: str) -> tuple[str, str]:
+    t = get_target(target)
+    if t.kind != "runtime":
+        raise TargetError(f"target '{target}' is a latency table; it cannot serve models")
+    return t.runtime, t.precision
+
+
+def _model_size(path: Path) -> int:
+    files = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def _pick_file(folder: Path, runtime: str) -> Path | None:
+    suffix = ".xml" if runtime == "openvino" else ".onnx"
+    found = sorted(folder.glob(f"*{suffix}"))
+    return found[0] if found else None
+
+
+def variants_from_dir(root: Path | str, target: str) -> list[VariantSpec]:
+    """Variants of ``target`` found below ``root``.
+
+    Raises:
+        ModelFileError: ``root`` is missing or holds no model for the target.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ModelFileError(f"model folder not found: {root}")
+    runtime, precision = _runtime_precision(target)
+    out: list[VariantSpec] = []
+    seen: set[Path] = set()
+    for bj in sorted(root.rglob("benchmark.json")):
+        try:
+            doc = json.loads(bj.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelFileError(f"{bj} is not valid JSON: {e}") from e
+        path = _pick_file(bj.parent / "model" / precision, runtime)
+        if path is None:
+            continue
+        res = doc.get("results", {}).get(precision, {})
+        acc = res.get("test_accuracy")
+        name = str(doc.get("candidate", bj.parent.name))
+        out.append(VariantSpec(name, path, acc, _model_size(path)))
+        seen.add(bj.parent.resolve())
+    for ej in sorted(root.rglob("export.json")):
+        if ej.parent.resolve() in seen:
+            continue
+        path = ej.parent / _EXPORT_FILES[(runtime, precision)]
+        if not path.is_file():
+            continue
+        try:
+            name = str(json.loads(ej.read_text()).get("candidate", ej.parent.name))
+        except json.JSONDecodeError as e:
+            raise ModelFileError(f"{ej} is not valid JSON: {e}") from e
+        out.append(VariantSpec(name, path, None, _model_size(path)))
+    if not out:
+        raise ModelFileError(
+            f"no {precision} {runtime} model below {root} (expected benchmark or export folders)"
+        )
+    names = [v.name for v in out]
+    for i, v in enumerate(out):
+        if names.count(v.name) > 1:  # same candidate measured twice: keep names unique
+            v.name = f"{v.name}#{i}"
+    return out
+
+
+def variants_from_registry(
+    tracking_uri: str, target: str, cache_dir: Path | str, model_prefix: str = "nasforge"
+) -> list[VariantSpec]:
+    """Variants of ``target`` from the MLflow registry, champion marked.
+
+    Every registered version of ``<model_prefix>-<target>`` is downloaded to ``cache_dir``.
+
+    Raises:
+        TrackingError: Registry unreachable or the model is not registered.
+        ModelFileError: A version has no model file for the target's runtime.
+    """
+    import mlflow
+
+    from nasforge.tracking.mlflow_runs import client
+    from nasforge.tracking.registry import ACC_TAG, SIZE_TAG, alias_for
+
+    runtime, _ = _runtime_precision(target)
+    name = f"{model_prefix}-{target}".replace(":", "-")
+    c = client(tracking_uri)
+    try:
+        versions: list[Any] = list(c.search_model_versions(f"name='{name}'"))
+    except Exception as e:  # noqa: BLE001 - MLflow raises several REST/DB errors
+        raise TrackingError(f"cannot list versions of {name} at {tracking_uri}: {e}") from e
+    if not versions:
+        raise TrackingError(f"no registered versions of model {name} at {tracking_uri}")
+    try:
+        champion = str(c.get_model_version_by_alias(name, alias_for(target)).version)
+    except Exception:  # noqa: BLE001 - alias unset
+        champion = None
+    out = []
+    mlflow.set_tracking_uri(tracking_uri)
+    for mv in sorted(versions, key=lambda m: int(m.version)):
+        dest = Path(cache_dir) / name / str(mv.version)
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dest)
+                )
+            )
+        except Exception as e:  # noqa: BLE001
+            raise TrackingError(f"cannot download {name} v{mv.version}: {e}") from e
+        path = _pick_file(local, runtime)
+        if path is None:
+            raise ModelFileError(f"{name} v{mv.version} has no {runtime} model file in {local}")
+        acc = mv.tags.get(ACC_TAG)
+        size = mv.tags.get(SIZE_TAG)
+        out.append(
+            VariantSpec(
+                name=f"{name}/v{mv.version}",
+                path=path,
+                accuracy=float(acc) if acc is not None else None,
+                size_bytes=int(size) if size is not None else _model_size(path),
+                champion=str(mv.version) == champion,
+            )
+        )
+    return out
