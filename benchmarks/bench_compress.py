@@ -44,6 +44,7 @@ from nasforge.compress.prune import count_macs_params, prune_structured
 from nasforge.compress.qat import ptq, quantize_qat, save_quantized
 from nasforge.export.onnx import export_fp32, export_int8
 from nasforge.export.parity import check_parity, runtime_runner
+from nasforge.training import fit as train_fit
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.tar"
@@ -116,14 +117,6 @@ def load_cifar(path: Path, max_per_class: int | None, max_test: int | None):
     return norm(raw.x), raw.y.astype(np.int64), norm(xt), yt.astype(np.int64)
 
 
-def augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(len(xb), generator=gen) < 0.5
-    xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
-    padded = nn.functional.pad(xb, (4, 4, 4, 4), mode="reflect")
-    dx, dy = torch.randint(0, 9, (2,), generator=gen).tolist()
-    return padded[:, :, dy : dy + 32, dx : dx + 32].contiguous()
-
-
 def fit(
     model: nn.Module,
     x: np.ndarray,
@@ -136,40 +129,23 @@ def fit(
     kd_temp: float = 4.0,
     kd_alpha: float = 0.9,
 ) -> float:
-    """Train with one-cycle SGD; with ``teacher``, logit KD. Returns CPU seconds used."""
+    """Train with nasforge's loop (one-cycle SGD, crop+flip, label smoothing 0.1; logit KD with
+    ``teacher``). Returns the CPU seconds used."""
     start = time.process_time()
-    gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    steps = epochs * ((len(xt) + batch - 1) // batch)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 1), pct_start=0.25)
-    if teacher is not None:
-        teacher.eval()
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), batch):
-            idx = perm[i : i + batch]
-            if len(idx) < 2:
-                continue
-            xb = augment(xt[idx], gen)
-            logits = model(xb)
-            loss = nn.functional.cross_entropy(logits, yt[idx], label_smoothing=0.1)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(xb)
-                kd = nn.functional.kl_div(
-                    nn.functional.log_softmax(logits / kd_temp, 1),
-                    nn.functional.softmax(t_logits / kd_temp, 1),
-                    reduction="batchmean",
-                ) * (kd_temp**2)
-                loss = kd_alpha * kd + (1 - kd_alpha) * loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
+    train_fit(
+        model,
+        torch.from_numpy(x),
+        torch.from_numpy(y),
+        epochs=epochs,
+        batch_size=batch,
+        lr=lr,
+        seed=seed,
+        teacher=teacher,
+        kd_temperature=kd_temp,
+        kd_alpha=kd_alpha,
+        label_smoothing=0.1,
+    )
     return time.process_time() - start
 
 

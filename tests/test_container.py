@@ -261,13 +261,17 @@ def test_export_in_container(image: str, data_dir: Path) -> None:
     exported = data_dir / "exported"
     onnx_files = sorted(exported.rglob("*.onnx"))
     ir_files = sorted(exported.rglob("*.xml"))
-    assert onnx_files, f"no ONNX model in {sorted(p.name for p in exported.rglob('*'))}"
-    assert ir_files, "no OpenVINO IR written"
-    # The exported model runs on the host too: it is a valid, self-contained artifact.
+    names = {p.name for p in onnx_files}
+    assert {"fp32.onnx", "int8.onnx"} <= names, f"exported: {sorted(names)}"
+    assert {p.name for p in ir_files} >= {"fp32.xml", "int8.xml"}, "OpenVINO IR missing"
+    # The exported models are valid, self-contained artifacts on the host too; INT8 is QDQ.
     import numpy as np
+    import onnx
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_files[0]), providers=["CPUExecutionProvider"])
+    int8_ops = {node.op_type for node in onnx.load(str(exported / "int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= int8_ops
+    session = ort.InferenceSession(str(exported / "fp32.onnx"), providers=["CPUExecutionProvider"])
     (inp,) = session.get_inputs()
     shape = [1 if not isinstance(d, int) else d for d in inp.shape]
     (logits,) = session.run(None, {inp.name: np.zeros(shape, dtype=np.float32)})[:1]

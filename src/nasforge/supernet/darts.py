@@ -29,8 +29,9 @@ two measures, both with a stated mechanism and tested:
    decaying linearly from 1 to 0 over the search. Skip connections win in DARTS because they
    make the deep supernet easier to optimise (gradient highway), not because they are the best
    op; the auxiliary skip supplies that benefit outside ``alpha``, so ``alpha_skip`` no longer
-   has to grow to obtain it. Because ``beta`` reaches 0, the final supernet is exactly the DARTS
-   one (no train/derive mismatch). We chose it over progressive early stopping (DARTS+) because
+   has to grow to obtain it. ``beta`` decays per step (by time instead when a time box ends
+   the search earlier) and reaches 0 in the last steps, so the final supernet is exactly the
+   DARTS one (no train/derive mismatch). We chose it over progressive early stopping (DARTS+) because
    it needs no threshold tuned to the space, and over noise on skip (NoisyDARTS) because its
    effect is deterministic and therefore testable.
 2. **``none`` excluded from the argmax** when deriving the cell (NAS-Bench-201's own DARTS
@@ -155,11 +156,9 @@ def param_free_share(spec: CellSpec) -> float:
     return sum(op in PARAMETER_FREE_OPS for op in spec.ops) / len(spec.ops)
 
 
-def aux_skip_beta(epoch: int, epochs: int) -> float:
-    """DARTS- beta for ``epoch`` (0-based): linear decay from 1 at the start to 0 in the last."""
-    if epochs <= 1:
-        return 0.0
-    return max(0.0, 1.0 - epoch / (epochs - 1))
+def aux_skip_beta(progress: float) -> float:
+    """DARTS- beta at search ``progress`` in [0, 1]: linear decay from 1 to 0."""
+    return min(1.0, max(0.0, 1.0 - progress))
 
 
 def _split_half(y: torch.Tensor, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,8 +184,12 @@ def _second_order_alpha_grad(
     batch_val: tuple[torch.Tensor, torch.Tensor],
     xi: float,
     weight_decay: float,
+    fd_scale: float = 0.01,
 ) -> torch.Tensor:
-    """Unrolled DARTS gradient of alpha with a finite-difference Hessian-vector product."""
+    """Unrolled DARTS gradient of alpha with a finite-difference Hessian-vector product.
+
+    ``fd_scale`` is the length of the finite-difference step in weight space (0.01 in DARTS).
+    """
     saved = [w.detach().clone() for w in weights]
     # Virtual step w' = w - xi * (grad_w L_train + wd * w).
     grads = torch.autograd.grad(_loss(model, *batch_train), weights, allow_unused=True)
@@ -195,13 +198,11 @@ def _second_order_alpha_grad(
             if g is not None:
                 w.sub_(xi * (g + weight_decay * w))
     # grad of L_val(w', alpha) w.r.t. alpha and w'.
-    out = torch.autograd.grad(
-        _loss(model, *batch_val), [model.alpha, *weights], allow_unused=True
-    )
+    out = torch.autograd.grad(_loss(model, *batch_val), [model.alpha, *weights], allow_unused=True)
     d_alpha = out[0]
     v = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, out[1:], strict=True)]
     norm = torch.sqrt(sum((g * g).sum() for g in v))
-    eps = 0.01 / (float(norm) + 1e-12)
+    eps = fd_scale / (float(norm) + 1e-12)
     hvp = []
     for sign in (1.0, -1.0):
         with torch.no_grad():
@@ -257,7 +258,8 @@ def run_darts(
         grad_clip: Gradient-norm clip of the weights.
         x_eval: Optional held-out images whose supernet accuracy is logged per epoch.
         y_eval: Labels of ``x_eval``.
-        time_budget_s: Stop after the epoch during which this many seconds passed.
+        time_budget_s: Stop at the first step after this many seconds (the epoch in progress
+            is recorded as it stands).
 
     Returns:
         The final alpha, the derived spec and the per-epoch history.
@@ -289,12 +291,23 @@ def run_darts(
     )
     history: list[dict] = []
     start = time.perf_counter()
+    step, out_of_time = 0, False
     for epoch in range(epochs):
-        model.aux_skip_beta = aux_skip_beta(epoch, epochs) if anti_collapse else 0.0
         model.train()
         val_batches = iterate_minibatches(xv, yv, batch_size, rng)
         total_w, total_a, n = 0.0, 0.0, 0
         for xb, yb in iterate_minibatches(xt, yt, batch_size, rng):
+            elapsed = time.perf_counter() - start
+            if time_budget_s is not None and elapsed > time_budget_s:
+                out_of_time = True
+                break
+            # Progress counts steps, or time when a time box would end the search first, so
+            # beta reaches 0 in the last steps either way.
+            progress = step / max(1, steps - 1)
+            if time_budget_s is not None:
+                progress = max(progress, elapsed / (0.9 * time_budget_s))
+            model.aux_skip_beta = aux_skip_beta(progress) if anti_collapse else 0.0
+            step += 1
             try:
                 vb = next(val_batches)
             except StopIteration:
@@ -307,9 +320,7 @@ def run_darts(
                 (grad_a,) = torch.autograd.grad(loss_a, [model.alpha])
             else:
                 xi = w_sched.get_last_lr()[0]
-                grad_a = _second_order_alpha_grad(
-                    model, weights, (xb, yb), vb, xi, w_weight_decay
-                )
+                grad_a = _second_order_alpha_grad(model, weights, (xb, yb), vb, xi, w_weight_decay)
                 with torch.no_grad():
                     loss_a = _loss(model, *vb)
             model.alpha.grad = grad_a
@@ -339,7 +350,7 @@ def run_darts(
         if x_eval is not None and y_eval is not None:
             record["supernet_eval_acc"] = accuracy(model, x_eval, y_eval)
         history.append(record)
-        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+        if out_of_time:
             break
     alpha = model.alpha.detach().clone()
     return DartsResult(alpha=alpha, spec=derive_spec(alpha, anti_collapse), history=history)

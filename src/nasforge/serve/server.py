@@ -1,0 +1,439 @@
+"""``nasforge serve``: a LitServe HTTP server with dynamic batching and Pareto-variant switching.
+
+Request checks (size, JSON, numeric, shape) run in an ASGI middleware in the HTTP process, before
+a request is queued: a bad request gets its 4xx at once and can never fail the batch it would
+have been grouped with in the inference worker. See ``README.md`` in this folder for the API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+import numpy as np
+from fastapi import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from nasforge.errors import ConfigError
+from nasforge.serve.metrics import ServeMetrics
+from nasforge.serve.policy import SwitchPolicy, VariantInfo
+from nasforge.serve.variants import VariantSpec, variants_from_dir, variants_from_registry
+
+log = logging.getLogger("nasforge.serve")
+
+# Counters of requests the HTTP process rejected (it is a single forked process per server).
+_REJECTED: dict[str, int] = {}
+
+
+def _buckets(max_batch_size: int) -> list[int]:
+    """Batch sizes sessions are built for: powers of two up to, and including, the maximum."""
+    sizes, b = [], 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, max_batch_size]
+
+
+class RequestValidator:
+    """ASGI middleware that checks ``POST /predict`` bodies and stamps their arrival time.
+
+    Args:
+        app: The wrapped ASGI app.
+        input_shape: Per-sample shape without batch, e.g. ``(3, 32, 32)``.
+        max_body_bytes: Larger bodies get 413.
+        max_items: Most samples one request may carry.
+    """
+
+    def __init__(
+        self, app: ASGIApp, input_shape: tuple[int, ...], max_body_bytes: int, max_items: int
+    ) -> None:
+        self.app = app
+        self.input_shape = tuple(input_shape)
+        self.max_body_bytes = max_body_bytes
+        self.max_items = max_items
+
+    async def _reject(self, send: Send, status: int, message: str) -> None:
+        _REJECTED[str(status)] = _REJECTED.get(str(status), 0) + 1
+        body = json.dumps({"error": message}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _check(self, body: bytes) -> tuple[int, str] | None:
+        """Return (status, message) for a bad body, ``None`` for a good one."""
+        try:
+            doc = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return 400, f"body is not valid JSON: {e}"
+        if not isinstance(doc, dict) or "inputs" not in doc:
+            return 400, 'body must be a JSON object {"inputs": [sample, ...]}'
+        inputs = doc["inputs"]
+        if not isinstance(inputs, list) or not inputs:
+            return 400, '"inputs" must be a non-empty list of samples'
+        if len(inputs) > self.max_items:
+            return 413, f"{len(inputs)} samples in one request; at most {self.max_items}"
+        want = list(self.input_shape)
+        try:
+            arr = np.asarray(inputs)
+        except ValueError:
+            return 422, f"samples are ragged nested lists; each must have shape {want}"
+        if arr.dtype.kind not in "iuf":
+            return 422, f"inputs must be numbers (got JSON values of numpy kind {arr.dtype})"
+        if list(arr.shape[1:]) != want:
+            return 422, f"each sample must have shape {want}, got {list(arr.shape[1:])}"
+        if not np.isfinite(arr).all():
+            return 422, "inputs contain NaN or infinity"
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._reject(send, 413, f"body over {self.max_body_bytes} bytes")
+            return
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await self._reject(send, 413, f"body over {self.max_body_bytes} bytes")
+                return
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        bad = self._check(body)
+        if bad is not None:
+            await self._reject(send, *bad)
+            return
+        # Stamp the arrival time into the (validated, object-shaped) body; a client-sent
+        # "_arrival" is overridden because the last duplicate key wins in JSON parsing.
+        stamped = body.rstrip()[:-1] + f', "_arrival": {time.time():.6f}}}'.encode()
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": stamped, "more_body": False}
+
+        scope = dict(scope)
+        scope["headers"] = [
+            (k, str(len(stamped)).encode() if k == b"content-length" else v)
+            for k, v in scope.get("headers", [])
+        ]
+        await self.app(scope, replay, send)
+
+
+class VariantAPI(ls.LitAPI):
+    """LitServe API over one or more Pareto variants of a target.
+
+    Args:
+        variants: Model specs ordered fastest first.
+        latencies_ms: Batch-1 latency of each variant measured at start-up.
+        target: Runtime target name.
+        input_shape: Per-sample shape.
+        metrics_path: Snapshot file for ``/metrics``.
+        slo_ms: p99 objective for the switching policy.
+        switching: Enable variant switching; otherwise the most accurate allowed variant.
+        memory_budget_bytes: Variants over it are not loaded.
+        threads: Runtime threads per session.
+        max_batch_size: LitServe batch size (requests) and largest session batch (samples).
+        batch_timeout_s: LitServe queue delay to fill a batch.
+        window_s: Window of the recent latency statistics.
+    """
+
+    def __init__(
+        self,
+        variants: list[VariantSpec],
+        latencies_ms: list[float],
+        target: str,
+        input_shape: tuple[int, ...],
+        metrics_path: str,
+        slo_ms: float,
+        switching: bool,
+        memory_budget_bytes: int | None,
+        threads: int | None,
+        max_batch_size: int,
+        batch_timeout_s: float,
+        window_s: float = 2.0,
+    ) -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout_s)
+        self.variants = variants
+        self.latencies_ms = latencies_ms
+        self.target = target
+        self.input_shape = tuple(input_shape)
+        self.metrics_path = metrics_path
+        self.slo_ms = slo_ms
+        self.switching = switching
+        self.memory_budget_bytes = memory_budget_bytes
+        self.threads = threads
+        self.session_batch = max_batch_size
+        self.window_s = window_s
+
+    def setup(self, device: str) -> None:
+        """Build one session per batch bucket for every variant within the memory budget."""
+        from nasforge.bench.harness import open_session
+
+        infos = [
+            VariantInfo(v.name, lat, v.accuracy, v.size_bytes)
+            for v, lat in zip(self.variants, self.latencies_ms, strict=True)
+        ]
+        self.policy = SwitchPolicy(infos, self.slo_ms, self.memory_budget_bytes)
+        self.buckets = _buckets(self.session_batch)
+        self.sessions: dict[int, dict[int, Any]] = {}
+        for i in self.policy.allowed:
+            self.sessions[i] = {
+                b: open_session(
+                    self.variants[i].path, self.target, b, self.input_shape, self.threads
+                )
+                for b in self.buckets
+            }
+        self.dtype = self.sessions[self.policy.current][1].input_dtype
+        self.metrics = ServeMetrics(
+            self.metrics_path, self.window_s, [v.name for v in self.variants]
+        )
+        self.metrics.active = self.variants[self.policy.current].name
+        self.metrics.write()
+
+    # ``request`` stays unannotated: LitServe reads the annotation as the FastAPI request type,
+    # and without one it passes the parsed JSON body.
+    def decode_request(self, request, **kwargs: Any) -> tuple[np.ndarray, float]:  # noqa: ANN001
+        """Validated JSON body (a dict) to (samples, arrival time)."""
+        try:
+            x = np.asarray(request["inputs"], dtype=self.dtype)
+        except (KeyError, TypeError, ValueError) as e:  # only without the validator
+            raise HTTPException(422, f"bad inputs: {e}") from e
+        return x, float(request.get("_arrival", time.time()))
+
+    def batch(self, inputs: list[tuple[np.ndarray, float]]) -> list[tuple[np.ndarray, float]]:
+        """Keep the per-request list: requests may carry several samples each."""
+        return inputs
+
+    def _run(self, variant: int, x: np.ndarray) -> np.ndarray:
+        outs = []
+        for start in range(0, len(x), self.session_batch):
+            chunk = x[start : start + self.session_batch]
+            n = len(chunk)
+            b = next(s for s in self.buckets if s >= n)
+            if b > n:  # sessions have static shapes: pad to the bucket, drop the padding
+                pad = np.zeros((b - n, *chunk.shape[1:]), dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            outs.append(np.asarray(self.sessions[variant][b].run(chunk))[:n])
+        return np.concatenate(outs)
+
+    def predict(
+        self, x: list[tuple[np.ndarray, float]] | tuple[np.ndarray, float], **kwargs: Any
+    ) -> list[dict[str, Any]] | dict[str, Any]:
+        """Pick the variant, run the whole batch on it, record metrics."""
+        # With max_batch_size 1 LitServe runs its unbatched loop: one decoded request in, one
+        # response out, no batch()/unbatch().
+        single = isinstance(x, tuple)
+        if single:
+            x = [x]
+        now = time.time()
+        queue_ms = max(0.0, (now - min(a for _, a in x)) * 1000)
+        current = self.policy.current
+        if self.switching:
+            chosen = self.policy.choose(self.metrics.recent_p99_ms(), queue_ms)
+            if chosen != current:
+                sw = self.policy.switches[-1]
+                a, b = self.variants[current].name, self.variants[chosen].name
+                log.warning("variant switch %s -> %s: %s", a, b, sw.reason)
+                self.metrics.record_switch(a, b, sw.reason)
+            current = chosen
+        xs = np.concatenate([s for s, _ in x])
+        logits = self._run(current, xs)
+        done = time.time()
+        name = self.variants[current].name
+        self.metrics.record_batch(len(x), len(xs), queue_ms, name)
+        self.metrics.record_latencies([(done - a) * 1000 for _, a in x])
+        self.metrics.write()
+        out, start = [], 0
+        for s, _ in x:
+            part = logits[start : start + len(s)]
+            start += len(s)
+            out.append(
+                {
+                    "outputs": part.tolist(),
+                    "classes": np.argmax(part, axis=1).tolist(),
+                    "variant": name,
+                }
+            )
+        return out[0] if single else out
+
+    def unbatch(self, output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One response per request."""
+        return output
+
+    def encode_response(self, output: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """The response JSON."""
+        return output
+
+
+def _prepare(
+    variants: list[VariantSpec], target: str, threads: int | None
+) -> tuple[list[VariantSpec], list[float], tuple[int, ...]]:
+    """Load each variant once here (clean errors before any worker starts), measure its batch-1
+    latency for ordering, and check all variants take the same input shape."""
+    from nasforge.bench.harness import open_session, time_session
+
+    lat, shape = [], None
+    for v in variants:
+        sess = open_session(v.path, target, 1, None, threads)
+        s = tuple(sess.input_shape[1:])
+        if shape is not None and s != shape:
+            raise ConfigError(f"variant {v.name} takes input {list(s)}, others {list(shape)}")
+        shape = s
+        lat.append(float(np.median(time_session(sess, warmup=3, repeats=20))))
+    order = sorted(range(len(variants)), key=lambda i: lat[i])
+    assert shape is not None
+    return [variants[i] for i in order], [lat[i] for i in order], shape
+
+
+def serve(
+    source: str | Path,
+    target: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 8,
+    max_queue_delay_ms: float = 5.0,
+    slo_ms: float = 50.0,
+    switching: bool = True,
+    memory_budget_bytes: int | None = None,
+    threads: int | None = None,
+    max_body_bytes: int = 8 * 1024 * 1024,
+    max_items_per_request: int = 64,
+    tracking_uri: str | None = None,
+    cache_dir: str | Path | None = None,
+    only_champion: bool = False,
+) -> None:
+    """Serve a target's models over HTTP until interrupted.
+
+    Args:
+        source: A folder (benchmark or export output, or a parent of several) or the word
+            ``"registry"`` to load ``nasforge-<target>`` from MLflow at ``tracking_uri``.
+        target: Runtime target name, e.g. ``"onnxruntime-cpu"``, ``"openvino-cpu-int8"``.
+        host: Bind address (``127.0.0.1`` keeps it local).
+        port: TCP port.
+        max_batch_size: Most requests LitServe groups into one batch (also the largest session
+            batch in samples; more samples are run in chunks).
+        max_queue_delay_ms: How long LitServe waits to fill a batch (0 = take what is queued).
+        slo_ms: p99 latency objective the switching policy holds.
+        switching: Switch between variants under load; off = always the most accurate one
+            within the memory budget.
+        memory_budget_bytes: Variants with larger model files are not loaded.
+        threads: Runtime threads per session (default: physical cores).
+        max_body_bytes: Larger request bodies get 413.
+        max_items_per_request: Most samples in one request.
+        tracking_uri: MLflow tracking URI when ``source`` is ``"registry"``.
+        cache_dir: Where registry models are downloaded (default: a temp folder).
+        only_champion: Serve just the champion (registry) instead of every version.
+
+    Raises:
+        NasforgeError: Bad configuration, missing models, unreachable registry.
+    """
+    if max_batch_size < 1:
+        raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if max_queue_delay_ms < 0:
+        raise ConfigError(f"max_queue_delay_ms must be >= 0, got {max_queue_delay_ms}")
+    if slo_ms <= 0:
+        raise ConfigError(f"slo_ms must be > 0, got {slo_ms}")
+    work = Path(tempfile.mkdtemp(prefix="nasforge-serve-"))
+    if str(source) == "registry":
+        if not tracking_uri:
+            raise ConfigError("serving from the registry needs tracking_uri")
+        specs = variants_from_registry(tracking_uri, target, cache_dir or work / "models")
+        if only_champion:
+            specs = [s for s in specs if s.champion]
+            if not specs:
+                raise ConfigError(f"no champion alias set for target {target}")
+    else:
+        specs = variants_from_dir(source, target)
+    specs, lat, shape = _prepare(specs, target, threads)
+    for s, ms in zip(specs, lat, strict=True):
+        log.warning("variant %s: %.3f ms at batch 1, accuracy %s", s.name, ms, s.accuracy)
+    metrics_path = str(work / "metrics.json")
+    api = VariantAPI(
+        specs,
+        lat,
+        target,
+        shape,
+        metrics_path,
+        slo_ms,
+        switching,
+        memory_budget_bytes,
+        threads,
+        max_batch_size,
+        max_queue_delay_ms / 1000.0,
+    )
+    server = ls.LitServer(
+        api,
+        accelerator="cpu",
+        devices=1,
+        workers_per_device=1,
+        timeout=30,
+        middlewares=[
+            (
+                RequestValidator,
+                {
+                    "input_shape": shape,
+                    "max_body_bytes": max_body_bytes,
+                    "max_items": max_items_per_request,
+                },
+            )
+        ],
+    )
+    config = {
+        "target": target,
+        "input_shape": list(shape),
+        "max_batch_size": max_batch_size,
+        "max_queue_delay_ms": max_queue_delay_ms,
+        "slo_ms": slo_ms,
+        "switching": switching,
+        "variants": [
+            {
+                "name": s.name,
+                "latency_b1_ms": ms,
+                "accuracy": s.accuracy,
+                "size_bytes": s.size_bytes,
+            }
+            for s, ms in zip(specs, lat, strict=True)
+        ],
+    }
+
+    def metrics() -> dict[str, Any]:
+        try:
+            worker = json.loads(Path(metrics_path).read_text())
+        except (OSError, json.JSONDecodeError):
+            worker = {}
+        return {**worker, "rejected": dict(_REJECTED), "config": config}
+
+    server.app.add_api_route("/metrics", metrics, methods=["GET"])
+    try:
+        server.run(
+            host=host, port=port, num_api_servers=1, generate_client_file=False, log_level="warning"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

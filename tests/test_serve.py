@@ -1,0 +1,244 @@
+"""`nasforge serve`: a real LitServe server on 127.0.0.1 over tiny exported ONNX models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nasforge.errors import ModelFileError
+from nasforge.export.onnx import export_fp32
+from nasforge.serve.variants import variants_from_dir
+
+SHAPE = (3, 8, 8)
+
+
+def _net(width: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    # The wide net gets two extra convolutions so its latency is clearly above the narrow one's
+    # (variants are ordered by latency measured at start-up).
+    extra = [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()] * 2 if width >= 32 else []
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.ReLU(),
+        *extra,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, 4),
+    ).eval()
+
+
+def _candidate(root: Path, name: str, width: int, acc: float) -> nn.Module:
+    """A benchmark-stage candidate folder: benchmark.json + model/fp32/fp32.onnx."""
+    net = _net(width, seed=width)
+    d = root / name
+    (d / "model" / "fp32").mkdir(parents=True)
+    export_fp32(net, torch.zeros(2, *SHAPE), d / "model" / "fp32" / "fp32.onnx")
+    doc = {"candidate": name, "results": {"fp32": {"test_accuracy": acc}}}
+    (d / "benchmark.json").write_text(json.dumps(doc))
+    return net
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-models")
+    small = _candidate(root, "small", 4, 0.80)
+    big = _candidate(root, "big", 64, 0.90)
+    return root, {"small": small, "big": big}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, body: bytes | None = None, timeout: float = 20) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+    req.add_header("content-type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        raw, status = e.read(), e.code
+    try:
+        return status, json.loads(raw)
+    except json.JSONDecodeError:
+        return status, {"raw": raw.decode(errors="replace")}
+
+
+class Server:
+    """`serve()` in a subprocess (its own process group), stopped by its id."""
+
+    def __init__(self, source: Path, **kwargs):
+        self.port = _free_port()
+        args = {"host": "127.0.0.1", "port": self.port, "threads": 1, **kwargs}
+        code = (
+            "import sys, json; from nasforge.serve.server import serve; "
+            f"serve({str(source)!r}, 'onnxruntime-cpu', **json.loads(sys.argv[1]))"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, json.dumps(args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                out = self.proc.stdout.read().decode(errors="replace")
+                pytest.fail(f"server exited during start-up:\n{out[-3000:]}")
+            try:
+                status, _ = _request(self.url + "/health", timeout=2)
+                if status == 200:
+                    return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.3)
+        pytest.fail("server did not become healthy in time")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    root, _ = models
+    srv = Server(
+        root,
+        max_batch_size=4,
+        max_queue_delay_ms=2,
+        slo_ms=500,
+        switching=False,
+        max_body_bytes=200_000,
+        max_items_per_request=8,
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_variants_from_dir_finds_candidates(models):
+    root, _ = models
+    specs = variants_from_dir(root, "onnxruntime-cpu")
+    assert sorted(s.name for s in specs) == ["big", "small"]
+    assert {s.name: s.accuracy for s in specs} == {"big": 0.90, "small": 0.80}
+    with pytest.raises(ModelFileError, match="no int8 onnxruntime model"):
+        variants_from_dir(root, "onnxruntime-cpu-int8")
+
+
+def test_predict_matches_torch(server, models):
+    _, nets = models
+    x = np.random.default_rng(0).standard_normal((3, *SHAPE)).astype(np.float32)
+    status, doc = _request(server.url + "/predict", json.dumps({"inputs": x.tolist()}).encode())
+    assert status == 200, doc
+    # Switching off: the most accurate variant ("big") serves every request.
+    assert doc["variant"] == "big"
+    ref = nets["big"](torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(np.array(doc["outputs"]), ref, rtol=1e-4, atol=1e-4)
+    assert doc["classes"] == ref.argmax(1).tolist()
+
+
+def test_malformed_requests_get_4xx_and_server_survives(server):
+    good = np.zeros((1, *SHAPE)).tolist()
+    cases = {
+        "not json": (b"{this is not json", 400, "not valid JSON"),
+        "no inputs key": (json.dumps({"x": good}).encode(), 400, '"inputs"'),
+        "wrong shape": (
+            json.dumps({"inputs": np.zeros((1, 3, 4, 4)).tolist()}).encode(),
+            422,
+            "shape [3, 8, 8]",
+        ),
+        "ragged": (json.dumps({"inputs": [[1, 2], [3]]}).encode(), 422, "ragged"),
+        "non-numeric": (json.dumps({"inputs": [[["a"] * 8] * 8] * 3}).encode(), 422, "numbers"),
+        "booleans": (json.dumps({"inputs": [[[True] * 8] * 8] * 3}).encode(), 422, "numbers"),
+        "oversized": (
+            json.dumps({"inputs": good, "pad": "x" * 300_000}).encode(),
+            413,
+            "over 200000 bytes",
+        ),
+        "too many samples": (
+            json.dumps({"inputs": np.zeros((9, *SHAPE)).tolist()}).encode(),
+            413,
+            "at most 8",
+        ),
+    }
+    for name, (body, code, msg) in cases.items():
+        status, doc = _request(server.url + "/predict", body)
+        assert status == code, (name, status, doc)
+        assert msg in doc.get("error", ""), (name, doc)
+    status, doc = _request(server.url + "/predict", json.dumps({"inputs": good}).encode())
+    assert status == 200 and len(doc["outputs"]) == 1
+    status, m = _request(server.url + "/metrics")
+    assert status == 200
+    assert sum(m["rejected"].values()) >= len(cases)
+
+
+def test_concurrent_requests_are_batched_and_counted(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = np.zeros((1, *SHAPE)).tolist()
+    body = json.dumps({"inputs": x}).encode()
+    _, before = _request(server.url + "/metrics")
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda _: _request(server.url + "/predict", body), range(48)))
+    assert all(s == 200 for s, _ in results)
+    _, m = _request(server.url + "/metrics")
+    assert m["requests"] - before.get("requests", 0) == 48
+    sizes = {int(k): v for k, v in m["batch_sizes"].items()}
+    assert max(sizes) <= 4  # max_batch_size requests of one sample each
+    assert m["latency_all"]["p99_ms"] is not None
+    assert m["active_variant"] == "big"
+    assert m["config"]["max_batch_size"] == 4
+    assert [v["name"] for v in m["config"]["variants"]] == ["small", "big"]
+
+
+def test_bad_source_fails_before_serving(tmp_path):
+    from nasforge.serve.server import serve
+
+    with pytest.raises(ModelFileError, match="model folder not found"):
+        serve(tmp_path / "nope", "onnxruntime-cpu")
+
+
+def test_switching_moves_to_faster_variant_when_slo_is_missed(models):
+    root, _ = models
+    # An objective no real request can meet: the policy must step down from "big" to "small"
+    # on the first batch and stay there, and the switch must show in the metrics. Batch size 1
+    # also covers LitServe's unbatched loop.
+    srv = Server(root, max_batch_size=1, max_queue_delay_ms=0, slo_ms=0.001, switching=True)
+    try:
+        srv.wait_ready()
+        body = json.dumps({"inputs": np.zeros((1, *SHAPE)).tolist()}).encode()
+        variants = [_request(srv.url + "/predict", body)[1]["variant"] for _ in range(5)]
+        assert variants == ["small"] * 5
+        _, m = _request(srv.url + "/metrics")
+        assert m["switch_count"] == 1
+        assert m["switches"][0]["from"] == "big" and m["switches"][0]["to"] == "small"
+        assert m["active_variant"] == "small"
+        assert m["samples_per_variant"] == {"small": 5}
+    finally:
+        srv.stop()
