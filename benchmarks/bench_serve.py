@@ -161,7 +161,11 @@ def open_loop(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every mode at every rate; return the results document."""
-    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        return _run(args, Path(tmp))
+
+
+def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     shape = tuple(args.shape)
     models = synthetic_models(work / "models", shape) if args.synthetic else Path(args.models)
     x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)

@@ -31,7 +31,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return (x - x.mean()) / x.std(), torch.from_numpy(raw.y)
 
 
-@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("order", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_run_darts_moves_alpha_and_derives_valid_spec(digits, order: int) -> None:
     x, y = digits
     res = run_darts(x, y, SHAPE, epochs=2, order=order, seed=0, batch_size=32, alpha_lr=3e-2)
@@ -146,6 +146,7 @@ def test_aux_skip_mechanism() -> None:
     assert (on - off).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_anti_collapse_changes_search(digits) -> None:
     x, y = digits
     kw = dict(epochs=2, order=1, seed=0, batch_size=32, alpha_lr=3e-2)
@@ -165,3 +166,5 @@ def test_run_darts_rejects_bad_input(digits) -> None:
         run_darts(x, y, SHAPE, epochs=0)
     with pytest.raises(ConfigError):
         run_darts(x, y[:-1], SHAPE, epochs=1)
+    with pytest.raises(ConfigError):
+        run_darts(x, y, SHAPE, epochs=1, warmup=1.0)

@@ -112,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
 
+    p = sub.add_parser(
+        "serve", help="serve a target's models over HTTP (dynamic batching, switching)"
+    )
+    p.add_argument("--source", required=True, help="benchmark/export folder, or 'registry'")
+    p.add_argument("--target", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
+    p.add_argument("--slo-ms", type=float, default=50.0, help="p99 latency objective")
+    p.add_argument(
+        "--no-switching", action="store_true", help="serve only the most accurate variant"
+    )
+    p.add_argument("--memory-budget-mb", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--only-champion", action="store_true")
+
     p = sub.add_parser("profile", help="build a latency lookup table of a search space on a target")
     p.add_argument("--target", required=True)
     p.add_argument("--space", default="cell")
@@ -273,6 +291,27 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from nasforge.serve.server import serve
+
+    budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 1e6)
+    serve(
+        args.source,
+        args.target,
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+        slo_ms=args.slo_ms,
+        switching=not args.no_switching,
+        memory_budget_bytes=budget,
+        threads=args.threads,
+        tracking_uri=args.tracking_uri,
+        only_champion=args.only_champion,
+    )
+    return 0
+
+
 def _targets(args: argparse.Namespace) -> int:
     from nasforge.hardware.targets import get_target, list_targets
 
@@ -300,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             return _targets(args)
         if args.command == "profile":
             return _profile(args)
+        if args.command == "serve":
+            return _serve(args)
         return _run_stage(args)
     except NasforgeError as err:
         print(f"error: {err}", file=sys.stderr)

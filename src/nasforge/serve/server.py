@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -312,6 +313,23 @@ def _prepare(
     return [variants[i] for i in order], [lat[i] for i in order], shape
 
 
+def _sigterm_as_interrupt() -> None:
+    """Let SIGTERM stop the server like Ctrl+C (LitServe's graceful shutdown, temp cleanup).
+
+    Forked HTTP processes inherit the handler; there it restores the default and re-sends the
+    signal, so only the main process turns SIGTERM into ``KeyboardInterrupt``.
+    """
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def serve(
     source: str | Path,
     target: str,
@@ -360,80 +378,80 @@ def serve(
         raise ConfigError(f"max_queue_delay_ms must be >= 0, got {max_queue_delay_ms}")
     if slo_ms <= 0:
         raise ConfigError(f"slo_ms must be > 0, got {slo_ms}")
-    work = Path(tempfile.mkdtemp(prefix="nasforge-serve-"))
-    if str(source) == "registry":
-        if not tracking_uri:
-            raise ConfigError("serving from the registry needs tracking_uri")
-        specs = variants_from_registry(tracking_uri, target, cache_dir or work / "models")
-        if only_champion:
-            specs = [s for s in specs if s.champion]
-            if not specs:
-                raise ConfigError(f"no champion alias set for target {target}")
-    else:
-        specs = variants_from_dir(source, target)
-    specs, lat, shape = _prepare(specs, target, threads)
-    for s, ms in zip(specs, lat, strict=True):
-        log.warning("variant %s: %.3f ms at batch 1, accuracy %s", s.name, ms, s.accuracy)
-    metrics_path = str(work / "metrics.json")
-    api = VariantAPI(
-        specs,
-        lat,
-        target,
-        shape,
-        metrics_path,
-        slo_ms,
-        switching,
-        memory_budget_bytes,
-        threads,
-        max_batch_size,
-        max_queue_delay_ms / 1000.0,
-    )
-    server = ls.LitServer(
-        api,
-        accelerator="cpu",
-        devices=1,
-        workers_per_device=1,
-        timeout=30,
-        middlewares=[
-            (
-                RequestValidator,
+    # Metrics file and registry downloads live here and go when the server stops.
+    with tempfile.TemporaryDirectory(prefix="nasforge-serve-") as tmp:
+        work = Path(tmp)
+        if str(source) == "registry":
+            if not tracking_uri:
+                raise ConfigError("serving from the registry needs tracking_uri")
+            specs = variants_from_registry(tracking_uri, target, cache_dir or work / "models")
+            if only_champion:
+                specs = [s for s in specs if s.champion]
+                if not specs:
+                    raise ConfigError(f"no champion alias set for target {target}")
+        else:
+            specs = variants_from_dir(source, target)
+        specs, lat, shape = _prepare(specs, target, threads)
+        for s, ms in zip(specs, lat, strict=True):
+            log.warning("variant %s: %.3f ms at batch 1, accuracy %s", s.name, ms, s.accuracy)
+        metrics_path = str(work / "metrics.json")
+        api = VariantAPI(
+            specs,
+            lat,
+            target,
+            shape,
+            metrics_path,
+            slo_ms,
+            switching,
+            memory_budget_bytes,
+            threads,
+            max_batch_size,
+            max_queue_delay_ms / 1000.0,
+        )
+        server = ls.LitServer(
+            api,
+            accelerator="cpu",
+            devices=1,
+            workers_per_device=1,
+            timeout=30,
+            middlewares=[
+                (
+                    RequestValidator,
+                    {
+                        "input_shape": shape,
+                        "max_body_bytes": max_body_bytes,
+                        "max_items": max_items_per_request,
+                    },
+                )
+            ],
+        )
+        config = {
+            "target": target,
+            "input_shape": list(shape),
+            "max_batch_size": max_batch_size,
+            "max_queue_delay_ms": max_queue_delay_ms,
+            "slo_ms": slo_ms,
+            "switching": switching,
+            "variants": [
                 {
-                    "input_shape": shape,
-                    "max_body_bytes": max_body_bytes,
-                    "max_items": max_items_per_request,
-                },
-            )
-        ],
-    )
-    config = {
-        "target": target,
-        "input_shape": list(shape),
-        "max_batch_size": max_batch_size,
-        "max_queue_delay_ms": max_queue_delay_ms,
-        "slo_ms": slo_ms,
-        "switching": switching,
-        "variants": [
-            {
-                "name": s.name,
-                "latency_b1_ms": ms,
-                "accuracy": s.accuracy,
-                "size_bytes": s.size_bytes,
-            }
-            for s, ms in zip(specs, lat, strict=True)
-        ],
-    }
+                    "name": s.name,
+                    "latency_b1_ms": ms,
+                    "accuracy": s.accuracy,
+                    "size_bytes": s.size_bytes,
+                }
+                for s, ms in zip(specs, lat, strict=True)
+            ],
+        }
 
-    def metrics() -> dict[str, Any]:
-        try:
-            worker = json.loads(Path(metrics_path).read_text())
-        except (OSError, json.JSONDecodeError):
-            worker = {}
-        return {**worker, "rejected": dict(_REJECTED), "config": config}
+        def metrics() -> dict[str, Any]:
+            try:
+                worker = json.loads(Path(metrics_path).read_text())
+            except (OSError, json.JSONDecodeError):
+                worker = {}
+            return {**worker, "rejected": dict(_REJECTED), "config": config}
 
-    server.app.add_api_route("/metrics", metrics, methods=["GET"])
-    try:
+        server.app.add_api_route("/metrics", metrics, methods=["GET"])
+        _sigterm_as_interrupt()
         server.run(
             host=host, port=port, num_api_servers=1, generate_client_file=False, log_level="warning"
         )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

@@ -120,7 +120,9 @@ def register_and_promote(
     """
     c = client(uri)
     alias = alias_for(challenger.target)
-    artifact_path = f"models/{alias.removeprefix('champion-')}"
+    # One folder per registered model, so versions from one run never overwrite each other.
+    target_dir = alias.removeprefix("champion-")
+    artifact_path = f"models/{target_dir}/{challenger.candidate}-{challenger.precision}"
     c.log_artifacts(run_id, str(challenger.files), artifact_path)
     try:
         c.create_registered_model(
