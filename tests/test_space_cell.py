@@ -67,3 +67,48 @@ def test_bn_recalibration_changes_running_stats():
     recalibrate_bn(sub, [torch.randn(8, 1, 8, 8) * 3 + 2 for _ in range(3)])
     assert not torch.allclose(before, sub.stem[1].running_mean)
     assert not sub.training  # the caller's mode is restored
+
+
+def test_is_connected():
+    from nasforge.space.cell import is_connected
+
+    assert is_connected(LARGEST_SPEC)
+    # output node fed only by 'none': a constant network
+    assert not is_connected(
+        CellSpec.from_arch_str("|nor_conv_3x3~0|+|none~0|avg_pool_3x3~1|+|none~0|none~1|none~2|")
+    )
+    # node 1 has no input, so 1->3 carries zeros; 0->2->3 is the only real path
+    assert not is_connected(
+        CellSpec.from_arch_str("|none~0|+|none~0|none~1|+|none~0|nor_conv_1x1~1|none~2|")
+    )
+    assert is_connected(
+        CellSpec.from_arch_str("|none~0|+|skip_connect~0|none~1|+|none~0|none~1|nor_conv_1x1~2|")
+    )
+
+
+def test_candidates_exclude_constant_and_inaccurate_subnets():
+    from nasforge.stages.search import select_candidates
+
+    def rec(i, arch, err, lat):
+        spec = CellSpec.from_arch_str(arch)
+        return {
+            "trial": i,
+            "ops": list(spec.ops),
+            "arch_str": arch,
+            "objectives": {"val_error": err, "lat": lat},
+        }
+
+    dead = "|nor_conv_3x3~0|+|none~0|avg_pool_3x3~1|+|none~0|none~1|none~2|"
+    records = [
+        rec(0, LARGEST_SPEC.arch_str, 0.02, 1.0),
+        rec(1, dead, 0.90, 0.01),  # fastest, but a constant function
+        rec(
+            2, "|skip_connect~0|+|none~0|none~1|+|none~0|none~1|nor_conv_1x1~2|", 0.50, 0.1
+        ),  # too inaccurate
+        rec(3, "|nor_conv_1x1~0|+|none~0|none~1|+|none~0|none~1|nor_conv_1x1~2|", 0.06, 0.3),
+    ]
+    chosen = select_candidates(records, ["val_error", "lat"], 3, accuracy_window=0.10)
+    assert [c["trial"] for c in chosen] == [0, 3]
+    assert (
+        records[1]["rank"] == 0
+    )  # it is on the raw front, which is exactly why it must be excluded

@@ -61,6 +61,12 @@ class SearchParams(_Section):
     trials: int = Field(40, ge=2)
     population_size: int = Field(16, ge=2)
     max_candidates: int = Field(2, ge=1, description="Pareto candidates carried to training")
+    candidate_accuracy_window: float = Field(
+        0.10,
+        gt=0,
+        le=1,
+        description="candidates must be within this much validation accuracy of the best subnet",
+    )
     bn_recalibration_batches: int = Field(4, ge=0)
     latency_batch_size: int = Field(1, ge=1)
     latency_source: Literal["measure", "table"] = Field(

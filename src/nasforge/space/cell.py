@@ -190,6 +190,18 @@ def computed_edges(spec: CellSpec) -> list[bool]:
     return [spec.ops[k] != "none" and used[dst] for k, (dst, _src) in enumerate(EDGES)]
 
 
+def is_connected(spec: CellSpec) -> bool:
+    """Whether the cell output depends on its input (some path of non-``none`` edges 0 -> 3).
+
+    A disconnected cell outputs zeros, so a network of such cells is a constant function.
+    """
+    reached = [True] + [False] * (N_NODES - 1)
+    for k, (dst, src) in enumerate(EDGES):  # EDGES is ordered by destination node
+        if spec.ops[k] != "none" and reached[src]:
+            reached[dst] = True
+    return reached[N_NODES - 1]
+
+
 def effective_ops(spec: CellSpec) -> tuple[str, ...]:
     """The spec's ops with dead edges replaced by ``none`` (the same function, less work)."""
     live = computed_edges(spec)

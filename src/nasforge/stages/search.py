@@ -27,7 +27,7 @@ from nasforge.hardware.spaces import CellBlockSpace
 from nasforge.hardware.targets import Target, get_target
 from nasforge.search.pareto import non_domination_rank
 from nasforge.search.samplers import make_sampler
-from nasforge.space.cell import CellNetworkShape, count_parameters
+from nasforge.space.cell import CellNetworkShape, count_parameters, is_connected
 from nasforge.space.nb201 import OPS, PARAM_NAMES, CellSpec, search_space
 from nasforge.stages import StageResult
 from nasforge.supernet.cell_supernet import (
@@ -99,18 +99,38 @@ class SubnetEvaluator:
 
 
 def select_candidates(
-    records: list[dict[str, Any]], names: list[str], k: int
+    records: list[dict[str, Any]], names: list[str], k: int, accuracy_window: float = 1.0
 ) -> list[dict[str, Any]]:
     """Pick up to ``k`` candidates: the first non-dominated front, spread over accuracy, then the next
-    fronts if the first is smaller than ``k``. Each record gets its ``rank``."""
+    fronts if the first is smaller than ``k``. Each record gets its ``rank``.
+
+    Only eligible subnets are picked: connected cells (a disconnected one is a constant function,
+    trivially "optimal" on latency and size) within ``accuracy_window`` of the best validation
+    accuracy (the same region of interest as the tabular benchmark's metric).
+    """
     losses = np.array([[r["objectives"][n] for n in names] for r in records], dtype=float)
     ranks = non_domination_rank(losses)
     for r, rank in zip(records, ranks, strict=True):
         r["rank"] = int(rank)
+    best_err = min(r["objectives"]["val_error"] for r in records)
+    eligible = [
+        r
+        for r in records
+        if is_connected(CellSpec(tuple(r["ops"])))
+        and r["objectives"]["val_error"] <= best_err + accuracy_window + 1e-12
+    ]
+    if not eligible:
+        from nasforge.errors import ConfigError
+
+        raise ConfigError("the search found no connected subnet; raise search.trials")
+    # Ranks among the eligible only, so a dominated-but-eligible subnet can fill the set.
+    elig_losses = np.array([[r["objectives"][n] for n in names] for r in eligible], dtype=float)
+    elig_ranks = non_domination_rank(elig_losses)
     chosen: list[dict[str, Any]] = []
-    for rank in sorted(set(int(x) for x in ranks)):
+    for rank in sorted(set(int(x) for x in elig_ranks)):
         front = sorted(
-            (r for r in records if r["rank"] == rank), key=lambda r: r["objectives"]["val_error"]
+            (r for r, rk in zip(eligible, elig_ranks, strict=True) if rk == rank),
+            key=lambda r: r["objectives"]["val_error"],
         )
         need = k - len(chosen)
         if need <= 0:
@@ -206,7 +226,7 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
                 "objectives": dict(zip(names, t.values, strict=True)),
             }
         )
-    candidates = select_candidates(records, names, sp.max_candidates)
+    candidates = select_candidates(records, names, sp.max_candidates, sp.candidate_accuracy_window)
     pareto = {
         "objectives": names,
         "shape": shape.to_dict(),
