@@ -103,9 +103,9 @@ def test_candidates_exclude_constant_and_inaccurate_subnets():
         rec(0, LARGEST_SPEC.arch_str, 0.02, 1.0),
         rec(1, dead, 0.90, 0.01),  # fastest, but a constant function
         rec(
-            2, "|skip_connect~0|+|none~0|none~1|+|none~0|none~1|nor_conv_1x1~2|", 0.50, 0.1
+            2, "|skip_connect~0|+|none~0|none~1|+|none~0|skip_connect~1|none~2|", 0.50, 0.1
         ),  # too inaccurate
-        rec(3, "|nor_conv_1x1~0|+|none~0|none~1|+|none~0|none~1|nor_conv_1x1~2|", 0.06, 0.3),
+        rec(3, "|nor_conv_1x1~0|+|none~0|none~1|+|none~0|nor_conv_1x1~1|none~2|", 0.06, 0.3),
     ]
     chosen = select_candidates(records, ["val_error", "lat"], 3, accuracy_window=0.10)
     assert [c["trial"] for c in chosen] == [0, 3]
