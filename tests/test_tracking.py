@@ -64,13 +64,33 @@ def test_registry_gate_never_moves_alias_to_worse(tmp_path):
     assert not worse.promoted and "kept champion" in worse.reason
     assert better.promoted and better.incumbent_version == first.version
     c = client(uri)
-    assert c.get_model_version_by_alias("m", "champion-onnxruntime-cpu").version == better.version
+    assert (
+        str(c.get_model_version_by_alias("m", "champion-onnxruntime-cpu").version) == better.version
+    )
     tags = c.get_model_version("m", worse.version).tags
     assert (
         tags["nasforge.decision"] == "kept-incumbent" and "kept champion" in tags["nasforge.reason"]
     )
     # the stage run is nested under the parent
     assert c.get_run(run.run_id).data.tags["mlflow.parentRunId"] == parent
+
+
+def test_identical_accuracy_survives_tag_round_trip(tmp_path):
+    """A rerun with the same test accuracy (265/270) and noise-level latency keeps the champion."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    acc = 265 / 270
+    with stage_run(uri, "t", "promote", None) as run:
+        first = register_and_promote(
+            uri, run.run_id, "m", _challenger(tmp_path, acc, 0.070, "1"), 0.005, 0.1
+        )
+        again = register_and_promote(
+            uri, run.run_id, "m", _challenger(tmp_path, acc, 0.064, "2"), 0.005, 0.1
+        )
+    assert first.promoted and not again.promoted, again.reason
+    assert (
+        str(client(uri).get_model_version_by_alias("m", "champion-onnxruntime-cpu").version)
+        == first.version
+    )
 
 
 def test_failed_stage_marks_run_failed(tmp_path):
@@ -145,5 +165,5 @@ def test_registry_on_real_mlflow_server(mlflow_server, tmp_path):
     assert d.promoted
     c = client(uri)
     mv = c.get_model_version_by_alias("srv-model", "champion-onnxruntime-cpu")
-    assert mv.version == d.version and mv.tags["nasforge.test_accuracy"].startswith("0.9")
+    assert str(mv.version) == d.version and mv.tags["nasforge.test_accuracy"].startswith("0.9")
     assert c.get_run(run.run_id).data.tags["mlflow.parentRunId"] == parent

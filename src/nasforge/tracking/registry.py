@@ -16,6 +16,7 @@ from nasforge.tracking.mlflow_runs import client
 ACC_TAG = "nasforge.test_accuracy"
 LAT_TAG = "nasforge.latency_p50_ms"
 SIZE_TAG = "nasforge.size_bytes"
+ACC_EPS = 1e-9
 
 
 def alias_for(target: str) -> str:
@@ -72,7 +73,9 @@ def beats(
     """
     acc, inc_acc = challenger.accuracy, incumbent["accuracy"]
     lat, inc_lat = challenger.latency_p50_ms, incumbent["latency_p50_ms"]
-    if acc > inc_acc and lat <= inc_lat * (1 + lat_tol):
+    # Accuracies are fractions of one test split: equal counts must compare equal even after a
+    # round trip through registry tags, so "higher" means higher by more than float noise.
+    if acc > inc_acc + ACC_EPS and lat <= inc_lat * (1 + lat_tol):
         return True, (
             f"accuracy {acc:.4f} > champion {inc_acc:.4f} at latency {lat:.3f} ms "
             f"(champion {inc_lat:.3f} ms, tolerance {lat_tol:.0%})"
@@ -131,8 +134,8 @@ def register_and_promote(
     except Exception:  # noqa: BLE001 - already exists
         pass
     tags = {
-        ACC_TAG: f"{challenger.accuracy:.6f}",
-        LAT_TAG: f"{challenger.latency_p50_ms:.6f}",
+        ACC_TAG: repr(float(challenger.accuracy)),
+        LAT_TAG: repr(float(challenger.latency_p50_ms)),
         SIZE_TAG: str(challenger.size_bytes),
         "nasforge.target": challenger.target,
         "nasforge.precision": challenger.precision,
