@@ -15,7 +15,14 @@ NB201_CSV = SHARED_DATA / "nb201" / "nb201_dev.csv"
 TINY = {
     "run": {"name": "tiny", "threads": 2},
     "space": {"channels": 8},
-    "search": {"supernet_epochs": 3, "trials": 6, "max_candidates": 2},
+    # A wide accuracy window: after 3 supernet epochs subnets are far apart, and the DAG tests
+    # need two candidates to exercise both loops.
+    "search": {
+        "supernet_epochs": 3,
+        "trials": 6,
+        "max_candidates": 2,
+        "candidate_accuracy_window": 1.0,
+    },
     "train": {"epochs": 2},
     "prune": {"finetune_epochs": 1, "channel_ratio": 0.25},
     "qat": {"epochs": 1},
