@@ -5,7 +5,6 @@ its consumer as a list of lists, which kfp.local cannot pass on, so each candida
 its inner loop and promote/report collect the outer loop.
 """
 
-
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Output
 

@@ -1,6 +1,5 @@
 """KFP component of the promote stage (thin: the logic is in ``nasforge.stages.promote``)."""
 
-
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Output
 

@@ -1,6 +1,5 @@
 """KFP component of the report stage (thin: the logic is in ``nasforge.stages.report``)."""
 
-
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Output
 
