@@ -56,9 +56,20 @@ def build_summary(
 
 
 def run(
-    params: Params, search: Path, promotion: Path, benchmarks: list[Path], output: Path, run_id: str
+    params: Params,
+    search: Path,
+    promotion: Path,
+    benchmarks: list[Path],
+    output: Path,
+    run_id: str | None,
+    parent_run_id: str | None = None,
 ) -> StageResult:
-    """Write ``report.html`` and ``summary.json`` to ``output``."""
+    """Write ``report.html`` and ``summary.json`` to ``output``.
+
+    The summary's ``run_id`` is the pipeline's parent MLflow run (the report's own run when the
+    stage runs alone), which also names ``runs/<run-id>/``.
+    """
+    run_id = parent_run_id or run_id or "untracked"
     pareto = load_pareto(search)
     history = json.loads((Path(search) / "history.json").read_text())
     pareto = {**pareto, "trials": history["trials"]}

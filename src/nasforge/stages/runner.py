@@ -100,8 +100,11 @@ def execute(
 
     def call(run_id: str | None) -> StageResult:
         kwargs = dict(inputs)
-        if "run_id" in inspect.signature(fn).parameters:
+        accepted = inspect.signature(fn).parameters
+        if "run_id" in accepted:
             kwargs["run_id"] = run_id
+        if "parent_run_id" in accepted:
+            kwargs["parent_run_id"] = parent_run_id
         try:
             result = fn(params, output=tmp, **kwargs)
         except BaseException:
