@@ -1,5 +1,7 @@
 """KFP component of the search stage (thin: the logic is in ``nasforge.stages.search``)."""
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Output
 
@@ -9,7 +11,8 @@ from nasforge.images import cpu_image
 @dsl.component(base_image=cpu_image())
 def search(
     params_json: str, parent_run_id: str, dataset: Input[Artifact], search: Output[Artifact]
-) -> list:
+) -> NamedTuple("Outputs", [("candidates", list)]):  # noqa: F821
+    from collections import namedtuple
     from pathlib import Path
 
     from nasforge.config import params_from_json
@@ -23,4 +26,4 @@ def search(
         dataset=Path(dataset.path),
     )
     # The candidate indices drive the ParallelFor over the Pareto set.
-    return list(range(int(result.metrics["candidates"])))
+    return namedtuple("Outputs", ["candidates"])(list(range(int(result.metrics["candidates"]))))

@@ -1,12 +1,18 @@
 """KFP component that opens the pipeline's parent MLflow run (every stage nests under it)."""
 
+from typing import NamedTuple
+
 from kfp import dsl
 
 from nasforge.images import cpu_image
 
 
 @dsl.component(base_image=cpu_image())
-def start_run(params_json: str, run_name: str) -> str:
+def start_run(params_json: str, run_name: str) -> NamedTuple("Outputs", [("run_id", str)]):  # noqa: F821
+    # A named output: kfp.local resolves channels by output name, and an unnamed "Output" here
+    # collided with search's candidate list inside the ParallelFor (the run id became a loop item).
+    from collections import namedtuple
+
     from nasforge.config import params_from_json
     from nasforge.tracking.mlflow_runs import open_parent_run
 
@@ -15,4 +21,4 @@ def start_run(params_json: str, run_name: str) -> str:
         params.tracking.uri, params.tracking.experiment, run_name, params.model_dump(mode="json")
     )
     print(f"==> MLflow parent run {run_id}", flush=True)
-    return run_id
+    return namedtuple("Outputs", ["run_id"])(run_id)

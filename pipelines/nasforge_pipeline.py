@@ -39,10 +39,10 @@ def nasforge_pipeline(
 ) -> Artifact:
     """The whole pipeline; ``params_json`` is ``params.yaml`` as JSON, ``targets`` its target list."""
     opened = start_run(params_json=params_json, run_name=run_name).set_caching_options(False)
-    parent = opened.output
+    parent = opened.outputs["run_id"]
     data = prepare_data(params_json=params_json, parent_run_id=parent)
     found = search(params_json=params_json, parent_run_id=parent, dataset=data.outputs["dataset"])
-    with dsl.ParallelFor(found.outputs["Output"], name="candidates") as candidate:
+    with dsl.ParallelFor(found.outputs["candidates"], name="candidates") as candidate:
         trained = train(
             params_json=params_json,
             parent_run_id=parent,
