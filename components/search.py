@@ -1,7 +1,5 @@
 """KFP component of the search stage (thin: the logic is in ``nasforge.stages.search``)."""
 
-from typing import NamedTuple
-
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Output
 
@@ -11,8 +9,7 @@ from nasforge.images import cpu_image
 @dsl.component(base_image=cpu_image())
 def search(
     params_json: str, parent_run_id: str, dataset: Input[Artifact], search: Output[Artifact]
-) -> NamedTuple("Outputs", [("candidates", list)]):  # noqa: F821
-    from collections import namedtuple
+) -> list:
     from pathlib import Path
 
     from nasforge.config import params_from_json
@@ -26,4 +23,4 @@ def search(
         dataset=Path(dataset.path),
     )
     # The candidate indices drive the ParallelFor over the Pareto set.
-    return namedtuple("Outputs", ["candidates"])(list(range(int(result.metrics["candidates"]))))
+    return list(range(int(result.metrics["candidates"])))

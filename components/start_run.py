@@ -10,7 +10,8 @@ from nasforge.images import cpu_image
 @dsl.component(base_image=cpu_image())
 def start_run(params_json: str, run_name: str) -> NamedTuple("Outputs", [("run_id", str)]):  # noqa: F821
     # A named output: kfp.local resolves channels by output name, and an unnamed "Output" here
-    # collided with search's candidate list inside the ParallelFor (the run id became a loop item).
+    # collided with search's "Output" (the candidate list) inside the ParallelFor: the run id
+    # became the loop item. kfp.local loops only over outputs named "Output", so search keeps it.
     from collections import namedtuple
 
     from nasforge.config import params_from_json

@@ -42,7 +42,7 @@ def nasforge_pipeline(
     parent = opened.outputs["run_id"]
     data = prepare_data(params_json=params_json, parent_run_id=parent)
     found = search(params_json=params_json, parent_run_id=parent, dataset=data.outputs["dataset"])
-    with dsl.ParallelFor(found.outputs["candidates"], name="candidates") as candidate:
+    with dsl.ParallelFor(found.outputs["Output"], name="candidates") as candidate:
         trained = train(
             params_json=params_json,
             parent_run_id=parent,
