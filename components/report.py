@@ -31,4 +31,5 @@ def report(
         promotion=Path(promotion.path),
         benchmarks=[Path(b.path) for b in benchmarks],
     )
-    close_run(params.tracking.uri, parent_run_id)
+    if parent_run_id:
+        close_run(params.tracking.uri, parent_run_id)

@@ -85,11 +85,20 @@ def run_local(params_path: str | Path, runs_dir: str | Path = "runs") -> dict:
         flush=True,
     )
     t0 = time.perf_counter()
+    from nasforge.tracking.mlflow_runs import close_run, open_parent_run
+
+    tp = params.tracking
+    parent = open_parent_run(tp.uri, tp.experiment, run_name, params.model_dump(mode="json"))
+    print(f"==> MLflow parent run {parent}", flush=True)
     try:
         task = nasforge_pipeline(
-            params_json=params.to_json(), targets=list(params.targets), run_name=run_name
+            params_json=params.to_json(),
+            targets=list(params.targets),
+            run_name=run_name,
+            parent_run_id=parent,
         )
     except RuntimeError as err:  # kfp.local reports a failed task this way; its log is above
+        close_run(tp.uri, parent, "FAILED")
         raise NasforgeError(f"pipeline failed: {str(err).splitlines()[0]}") from None
     dest, summary = _publish(Path(task.output.path), runs_dir)
     print(f"==> pipeline finished in {time.perf_counter() - t0:.0f}s", flush=True)

@@ -2,7 +2,7 @@
 
 prepare-data -> search -> ParallelFor(candidate)[train -> prune -> qat -> export ->
 ParallelFor(target)[benchmark] -> collect] -> Collected -> promote -> report. A first task opens the
-parent MLflow run; every stage task nests its own run under it.
+parent MLflow run id is a pipeline parameter; every stage task nests its own run under it.
 
 ``collect`` gathers each candidate's inner loop: ``Collected`` of a nested ``ParallelFor`` reaches
 its consumer as a list of lists, which kfp.local cannot pass on (and a ``Collected`` consumed
@@ -23,7 +23,6 @@ from nasforge.components.prune import prune
 from nasforge.components.qat import qat
 from nasforge.components.report import report
 from nasforge.components.search import search
-from nasforge.components.start_run import start_run
 from nasforge.components.train import train
 
 PIPELINE_NAME = "nasforge"
@@ -36,10 +35,13 @@ def nasforge_pipeline(
     params_json: str = "{}",
     targets: list = ["onnxruntime-cpu", "openvino-cpu"],  # noqa: B006 - KFP needs a literal default
     run_name: str = "nasforge",
+    parent_run_id: str = "",
 ) -> Artifact:
     """The whole pipeline; ``params_json`` is ``params.yaml`` as JSON, ``targets`` its target list."""
-    opened = start_run(params_json=params_json, run_name=run_name).set_caching_options(False)
-    parent = opened.outputs["run_id"]
+    # The parent MLflow run is a pipeline parameter, opened by whoever launches the run: kfp.local
+    # resolves a *task output* used inside a ParallelFor to the loop item, so a start-run task's id
+    # would not reach the loop's tasks. Empty: stage runs are not nested.
+    parent = parent_run_id
     data = prepare_data(params_json=params_json, parent_run_id=parent)
     found = search(params_json=params_json, parent_run_id=parent, dataset=data.outputs["dataset"])
     with dsl.ParallelFor(found.outputs["Output"], name="candidates") as candidate:

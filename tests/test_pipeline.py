@@ -29,7 +29,7 @@ def test_compiled_pipeline_is_up_to_date(tmp_path, monkeypatch):
 def test_compiled_dag_shape():
     spec = yaml.safe_load(COMPILED.read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert {"start-run", "prepare-data", "search", "promote", "report"} <= set(tasks)
+    assert {"prepare-data", "search", "promote", "report"} <= set(tasks)
     loops = [k for k in tasks if k.startswith("for-loop")]
     assert len(loops) == 1  # the candidates loop
     comps = spec["components"]
