@@ -22,21 +22,13 @@ from nasforge.bench.sysinfo import system_info
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
 from nasforge.errors import ModelFileError
+from nasforge.hardware.energy import energy_per_inference
 from nasforge.hardware.targets import get_target
 from nasforge.stages import StageResult
 from nasforge.stages.export import EXPORT_JSON, model_files
 from nasforge.tracking.dvc import dvc_hash
 
 BENCHMARK_JSON = "benchmark.json"
-
-
-def _energy(latency_ms: float, target_name: str) -> dict[str, Any]:
-    try:
-        from nasforge.hardware.energy import energy_per_inference
-
-        return energy_per_inference(target_name, latency_ms)
-    except ImportError:
-        return {"source": "not available", "mj": None}
 
 
 def run(
@@ -113,7 +105,7 @@ def benchmark_one(params: Params, data, exported: Path, t, output_root: Path) ->
             "test_accuracy": acc,
             "size_bytes": sum(s.stat().st_size for s in files),
             "latency": latency,
-            "energy": _energy(p50_b1, t.name),
+            "energy": energy_per_inference(t, p50_b1),
             "files": [f"model/{precision}/{s.name}" for s in files],
         }
     doc = {

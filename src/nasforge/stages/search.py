@@ -10,7 +10,6 @@ stored in SQLite in the output folder, so a killed search resumes without re-eva
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -272,8 +271,3 @@ def load_pareto(search_dir: Path) -> dict[str, Any]:
         return json.loads(f.read_text())
     except json.JSONDecodeError as err:
         raise ModelFileError(f"corrupt {f}: {err}") from None
-
-
-def random_spec(seed: int) -> CellSpec:
-    """A reproducible random cell (used by tests and tools)."""
-    return CellSupernet.sample_spec(random.Random(seed))
