@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from nasforge.serve.process import ServerProcess
 
 MODES = {
     "batch1": {"max_batch_size": 1, "switching": False},
@@ -73,47 +72,8 @@ def synthetic_models(root: Path, shape: tuple[int, ...]) -> Path:
     return root
 
 
-class _Server:
-    def __init__(self, models: Path, target: str, args: dict[str, Any]) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        code = (
-            "import sys, json; from nasforge.serve.server import serve; "
-            f"serve({str(models)!r}, {target!r}, **json.loads(sys.argv[1]))"
-        )
-        payload = {"host": "127.0.0.1", "port": self.port, **args}
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, json.dumps(payload)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout_s: float = 180) -> None:
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"server exited: {self.log.read().decode()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("server did not become healthy")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+def _server(models: Path, target: str, args: dict[str, Any]) -> ServerProcess:
+    return ServerProcess(models, target, **args)
 
 
 def open_loop(
@@ -182,7 +142,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         results[mode] = {}
         for rate in args.rates:
             # A fresh server per point: metrics and the policy start from the same state.
-            srv = _Server(models, args.target, server_args)
+            srv = _server(models, args.target, server_args)
             try:
                 srv.wait_ready()
                 r = open_loop(srv.url + "/predict", body, rate, args.duration, args.timeout)

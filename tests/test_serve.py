@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,6 +15,7 @@ from torch import nn
 
 from nasforge.errors import ModelFileError
 from nasforge.export.onnx import export_fp32
+from nasforge.serve.process import ServerProcess
 from nasforge.serve.variants import variants_from_dir
 
 SHAPE = (3, 8, 8)
@@ -80,47 +76,11 @@ def _request(url: str, body: bytes | None = None, timeout: float = 20) -> tuple[
         return status, {"raw": raw.decode(errors="replace")}
 
 
-class Server:
-    """`serve()` in a subprocess (its own process group), stopped by its id."""
+class Server(ServerProcess):
+    """`serve()` on ONNX Runtime with one thread, in its own process group."""
 
     def __init__(self, source: Path, **kwargs):
-        self.port = _free_port()
-        args = {"host": "127.0.0.1", "port": self.port, "threads": 1, **kwargs}
-        code = (
-            "import sys, json; from nasforge.serve.server import serve; "
-            f"serve({str(source)!r}, 'onnxruntime-cpu', **json.loads(sys.argv[1]))"
-        )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, json.dumps(args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout_s: float = 120) -> None:
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                out = self.proc.stdout.read().decode(errors="replace")
-                pytest.fail(f"server exited during start-up:\n{out[-3000:]}")
-            try:
-                status, _ = _request(self.url + "/health", timeout=2)
-                if status == 200:
-                    return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.3)
-        pytest.fail("server did not become healthy in time")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        super().__init__(source, "onnxruntime-cpu", **{"threads": 1, **kwargs})
 
 
 @pytest.fixture(scope="module")
