@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -53,12 +52,6 @@ def models(tmp_path_factory):
     small = _candidate(root, "small", 4, 0.80)
     big = _candidate(root, "big", 64, 0.90)
     return root, {"small": small, "big": big}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _request(url: str, body: bytes | None = None, timeout: float = 20) -> tuple[int, dict]:
