@@ -45,7 +45,7 @@ format: install
 
 ## Recompile the committed KFP IR YAML (a test checks it is up to date).
 compile: install
-	NASFORGE_IMAGE= $(BIN)/nasforge pipeline compile --output pipelines/compiled/nasforge_pipeline.yaml
+	NASFORGE_IMAGE= NASFORGE_GPU_IMAGE= $(BIN)/nasforge pipeline compile --targets onnxruntime-cpu,openvino-cpu,tensorrt-gpu --output pipelines/compiled/nasforge_pipeline.yaml
 
 ## Container images (docker or podman, whichever can run).
 images: install

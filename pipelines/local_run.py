@@ -77,7 +77,7 @@ def run_local(params_path: str | Path, runs_dir: str | Path = "runs") -> dict:
     kfp.local.init(
         runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(runs_dir / "kfp-local")
     )
-    from nasforge.pipelines.nasforge_pipeline import nasforge_pipeline
+    from nasforge.pipelines.nasforge_pipeline import build_pipeline, pipeline_arguments
 
     run_name = f"{params.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(
@@ -91,9 +91,9 @@ def run_local(params_path: str | Path, runs_dir: str | Path = "runs") -> dict:
     parent = open_parent_run(tp.uri, tp.experiment, run_name, params.model_dump(mode="json"))
     print(f"==> MLflow parent run {parent}", flush=True)
     try:
-        task = nasforge_pipeline(
+        task = build_pipeline(params.targets)(
             params_json=params.to_json(),
-            targets=list(params.targets),
+            **pipeline_arguments(params.targets),
             run_name=run_name,
             parent_run_id=parent,
         )

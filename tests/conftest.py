@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +57,37 @@ def digits_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "digits"
     execute("prepare-data", tiny_params(), out, tracking=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend), shared by the session."""
+    from nasforge.errors import TrackingError
+    from nasforge.tracking.mlflow_runs import check_reachable
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}", "--artifacts-destination", str(root / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            check_reachable(uri, timeout_s=1)
+            break
+        except TrackingError:
+            if proc.poll() is not None:
+                pytest.fail("mlflow server exited during start-up")
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start in 120 s")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)

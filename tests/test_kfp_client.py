@@ -358,29 +358,104 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
 
 
-def test_cli_submit_and_schedule_reach_the_server(fake_kfp: FakeKfp, package: Path) -> None:
+@pytest.fixture(scope="module")
+def nasforge_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real nasforge pipeline compiled for CPU targets."""
+    from nasforge.pipelines.nasforge_pipeline import compile_pipeline
+
+    path = tmp_path_factory.mktemp("nf") / "nasforge.yaml"
+    return compile_pipeline(path, ["onnxruntime-cpu", "openvino-cpu"])
+
+
+def _params(tmp_path: Path, tracking_uri: str, targets: str = "[onnxruntime-cpu, openvino-cpu]"):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"targets: {targets}\ntracking:\n  uri: {tracking_uri}\n")
+    return path
+
+
+def test_cli_submit_and_schedule_reach_the_server(
+    fake_kfp: FakeKfp, nasforge_package: Path, tmp_path: Path
+) -> None:
     fake_kfp.run_states = ["SUCCEEDED"]  # polling itself is tested above, without 10 s sleeps
-    done = _cli("pipeline", "submit", "--host", fake_kfp.url, "--package", str(package),
-                "--run-name", "cli-run", "--wait")  # fmt: skip
+    params = _params(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    done = _cli("pipeline", "submit", "--host", fake_kfp.url, "--package", str(nasforge_package),
+                "--params", str(params), "--run-name", "cli-run", "--wait")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "run-123" in done.stdout
     (run,) = fake_kfp.sent("POST", f"{API}/runs")
     assert run.body["display_name"] == "cli-run"
-    assert run.body["runtime_config"]["parameters"]  # the CLI sends the params
-    done = _cli("pipeline", "schedule", "--host", fake_kfp.url, "--package", str(package),
-                "--cron", "0 0 3 * * *")  # fmt: skip
+    sent = run.body["runtime_config"]["parameters"]
+    assert sent["targets"] == ["onnxruntime-cpu", "openvino-cpu"]
+    assert json.loads(sent["params_json"])["targets"] == ["onnxruntime-cpu", "openvino-cpu"]
+    assert sent["parent_run_id"] == ""  # a SQLite store is not reachable from the cluster
+    done = _cli("pipeline", "schedule", "--host", fake_kfp.url, "--package", str(nasforge_package),
+                "--params", str(params), "--cron", "0 0 3 * * *")  # fmt: skip
     assert done.returncode == 0, done.stderr
     (rr,) = fake_kfp.sent("POST", f"{API}/recurringruns")
     assert rr.body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
+    assert rr.body["runtime_config"]["parameters"]["targets"] == ["onnxruntime-cpu", "openvino-cpu"]
 
 
-def test_cli_fails_cleanly(fake_kfp: FakeKfp, package: Path) -> None:
+def test_cli_submit_compiles_for_the_params_targets(fake_kfp: FakeKfp, tmp_path: Path) -> None:
+    """Without --package, the pipeline is compiled for the params' targets (GPU loop included)."""
+    params = _params(tmp_path, f"sqlite:///{tmp_path / 'm.db'}", "[openvino-cpu, tensorrt-gpu]")
+    done = _cli("pipeline", "submit", "--host", fake_kfp.url, "--params", str(params))
+    assert done.returncode == 0, done.stderr
+    (run,) = fake_kfp.sent("POST", f"{API}/runs")
+    sent = run.body["runtime_config"]["parameters"]
+    assert sent["targets"] == ["openvino-cpu"] and sent["gpu_targets"] == ["tensorrt-gpu"]
+    platform = run.body["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]
+    gpu = platform["deploymentSpec"]["executors"]["exec-benchmark-2"]
+    assert gpu["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+
+
+def test_cli_submit_rejects_package_without_gpu_loop(
+    fake_kfp: FakeKfp, nasforge_package: Path, tmp_path: Path
+) -> None:
+    params = _params(tmp_path, f"sqlite:///{tmp_path / 'm.db'}", "[openvino-cpu, tensorrt-gpu]")
+    done = _cli("pipeline", "submit", "--host", fake_kfp.url, "--package", str(nasforge_package),
+                "--params", str(params))  # fmt: skip
+    assert done.returncode == 2 and "recompile" in done.stderr and "Traceback" not in done.stderr
+    assert not fake_kfp.sent("POST", f"{API}/runs")
+
+
+@pytest.mark.slow
+def test_cli_submit_opens_parent_mlflow_run(
+    fake_kfp: FakeKfp, nasforge_package: Path, tmp_path: Path, mlflow_server: str
+) -> None:
+    """With a tracking server, the stage runs on the cluster nest under a run opened at submit."""
+    from nasforge.tracking.mlflow_runs import client
+
+    params = _params(tmp_path, mlflow_server)
+    done = _cli("pipeline", "submit", "--host", fake_kfp.url, "--package", str(nasforge_package),
+                "--params", str(params), "--run-name", "nightly-1")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (run,) = fake_kfp.sent("POST", f"{API}/runs")
+    parent = run.body["runtime_config"]["parameters"]["parent_run_id"]
+    info = client(mlflow_server).get_run(parent)
+    assert info.info.run_name == "nightly-1" and info.data.tags["nasforge.kind"] == "pipeline"
+
+
+def test_cli_submit_with_tracking_server_down_sends_nothing(
+    fake_kfp: FakeKfp, nasforge_package: Path, tmp_path: Path
+) -> None:
+    params = _params(tmp_path, "http://127.0.0.1:9")
+    done = _cli("pipeline", "submit", "--host", fake_kfp.url, "--package", str(nasforge_package),
+                "--params", str(params))  # fmt: skip
+    assert done.returncode == 2 and done.stderr.startswith("error: ")
+    assert "127.0.0.1:9" in done.stderr and done.stderr.count("\n") == 1
+    assert not fake_kfp.sent("POST", f"{API}/runs")
+
+
+def test_cli_fails_cleanly(fake_kfp: FakeKfp, nasforge_package: Path, tmp_path: Path) -> None:
     fake_kfp.run_states = ["FAILED"]
-    done = _cli("pipeline", "submit", "--host", fake_kfp.url, "--package", str(package), "--wait")
+    params = _params(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    done = _cli("pipeline", "submit", "--host", fake_kfp.url, "--package", str(nasforge_package),
+                "--params", str(params), "--wait")  # fmt: skip
     assert done.returncode == 2
     assert "error: pipeline run run-123 ended FAILED" in done.stderr
     assert "Traceback" not in done.stderr
-    done = _cli("pipeline", "schedule", "--host", fake_kfp.url, "--package", str(package),
-                "--cron", "0 3 * * *")  # fmt: skip
+    done = _cli("pipeline", "schedule", "--host", fake_kfp.url, "--package", str(nasforge_package),
+                "--params", str(params), "--cron", "0 3 * * *")  # fmt: skip
     assert done.returncode == 2 and "KFP cron has 6" in done.stderr
     assert not fake_kfp.sent("POST", f"{API}/recurringruns")

@@ -382,3 +382,24 @@ def test_workload_images_match_the_image_setting(
     assert config["data"]["NASFORGE_GPU_IMAGE"] == gpu_image()
     monkeypatch.setenv("NASFORGE_IMAGE", "registry.local/nf:dev")
     assert cpu_image() == "registry.local/nf:dev"
+
+
+def test_scheduled_run_params_are_valid_nasforge_params(overlay: tuple[str, Any]) -> None:
+    """The CronJob mounts a params.yaml that nasforge accepts, pointing at in-cluster services."""
+    from nasforge.config import params_from_dict
+
+    _, objects = overlay
+    (cm,) = [
+        o
+        for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("nasforge-params")
+    ]
+    params = params_from_dict(yaml.safe_load(cm["data"]["params.yaml"]), "params.yaml")
+    assert params.tracking.uri.startswith("http://") and params.tracking.dvc_remote.startswith(
+        "/data/"
+    )
+    (job,) = [o for o in objects if o["kind"] == "CronJob"]
+    pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["params"]["configMap"]["name"] == cm["metadata"]["name"]
+    assert "--params /etc/nasforge/params.yaml" in pod["containers"][0]["args"][0]

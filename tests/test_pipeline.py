@@ -19,24 +19,89 @@ COMPILED = REPO / "pipelines" / "compiled" / "nasforge_pipeline.yaml"
 
 def test_compiled_pipeline_is_up_to_date(tmp_path, monkeypatch):
     monkeypatch.delenv("NASFORGE_IMAGE", raising=False)
+    monkeypatch.delenv("NASFORGE_GPU_IMAGE", raising=False)
     from nasforge.pipelines.nasforge_pipeline import compile_pipeline
 
     fresh = compile_pipeline(tmp_path / "p.yaml").read_text()
     assert COMPILED.is_file(), "run `make compile` and commit pipelines/compiled/"
-    assert yaml.safe_load(fresh) == yaml.safe_load(COMPILED.read_text()), "run `make compile`"
+    assert list(yaml.safe_load_all(fresh)) == list(yaml.safe_load_all(COMPILED.read_text())), (
+        "run `make compile`"
+    )
+
+
+def _inner_tasks(spec: dict) -> dict:
+    tasks = spec["root"]["dag"]["tasks"]
+    (loop,) = [k for k in tasks if k.startswith("for-loop")]  # the candidates loop
+    return spec["components"][tasks[loop]["componentRef"]["name"]]["dag"]["tasks"]
 
 
 def test_compiled_dag_shape():
-    spec = yaml.safe_load(COMPILED.read_text())
+    spec, _ = yaml.safe_load_all(COMPILED.read_text())
     tasks = spec["root"]["dag"]["tasks"]
     assert {"prepare-data", "search", "promote", "report"} <= set(tasks)
-    loops = [k for k in tasks if k.startswith("for-loop")]
-    assert len(loops) == 1  # the candidates loop
-    comps = spec["components"]
-    inner = comps[tasks[loops[0]]["componentRef"]["name"]]["dag"]["tasks"]
-    assert {"train", "prune", "qat", "export", "collect"} <= set(inner)
-    assert any(k.startswith("for-loop") for k in inner)  # targets loop nested in candidates loop
-    assert tasks[loops[0]]["parameterIterator"]["items"]["inputParameter"]
+    inner = _inner_tasks(spec)
+    assert {"train", "prune", "qat", "export", "collect-cpu-gpu"} <= set(inner)
+    # CPU targets and GPU targets loop separately inside the candidates loop
+    assert len([k for k in inner if k.startswith("for-loop")]) == 2
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["targets"]["defaultValue"] == ["onnxruntime-cpu", "openvino-cpu"]
+    assert params["gpu_targets"]["defaultValue"] == ["tensorrt-gpu"]
+
+
+def test_compiled_pipeline_has_cluster_settings():
+    """Requests/limits, retries with backoff, GPU node placement, Secrets as env, the data PVC."""
+    spec, platform = yaml.safe_load_all(COMPILED.read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    stages = ("prepare-data", "search", "train", "prune", "qat", "export", "promote", "report")
+    for stage in stages:
+        res = executors[f"exec-{stage}"]["container"]["resources"]
+        for key in ("resourceCpuRequest", "resourceCpuLimit"):
+            assert res[key], (stage, key)
+        assert res["resourceMemoryRequest"].endswith("Gi") and res["resourceMemoryLimit"]
+        env = {
+            (s["secretName"], e["envVar"])
+            for s in k8s[f"exec-{stage}"]["secretAsEnv"]
+            for e in s["keyToEnv"]
+        }
+        assert ("nasforge-mlflow", "MLFLOW_TRACKING_PASSWORD") in env
+        assert ("nasforge-object-store", "AWS_SECRET_ACCESS_KEY") in env
+        assert k8s[f"exec-{stage}"]["pvcMount"][0]["mountPath"] == "/data"
+    # benchmarks: Guaranteed QoS on CPU; the GPU one on a GPU node, in the GPU image
+    cpu = executors["exec-benchmark"]["container"]
+    gpu = executors["exec-benchmark-2"]["container"]
+    assert cpu["resources"]["resourceCpuRequest"] == cpu["resources"]["resourceCpuLimit"]
+    assert "accelerator" not in cpu["resources"]
+    assert gpu["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert gpu["resources"]["accelerator"]["resourceCount"] == "1"
+    assert "nasforge-gpu" in gpu["image"] and "nasforge-cpu" in cpu["image"]
+    assert k8s["exec-benchmark-2"]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert k8s["exec-benchmark-2"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "nodeSelector" not in k8s["exec-benchmark"]
+    # retries with exponential backoff everywhere but promote (a retry would register twice)
+    inner = _inner_tasks(spec)
+    for name in ("train", "prune", "qat", "export"):
+        policy = inner[name]["retryPolicy"]
+        assert policy["maxRetryCount"] == 2 and policy["backoffFactor"] == 2.0
+        assert policy["backoffDuration"] == "60s"
+    root = spec["root"]["dag"]["tasks"]
+    assert "retryPolicy" in root["search"] and "retryPolicy" not in root["promote"]
+
+
+def test_cpu_only_targets_compile_without_a_gpu_loop(tmp_path):
+    from nasforge.errors import ConfigError
+    from nasforge.pipelines.nasforge_pipeline import check_package_targets, compile_pipeline
+
+    path = compile_pipeline(tmp_path / "cpu.yaml", ["onnxruntime-cpu"])
+    spec, platform = yaml.safe_load_all(path.read_text())
+    assert "gpu_targets" not in spec["root"]["inputDefinitions"]["parameters"]
+    assert "exec-collect" in spec["deploymentSpec"]["executors"]
+    assert "nodeSelector" not in json.dumps(platform)
+    check_package_targets(path, ["onnxruntime-cpu", "openvino-cpu"])
+    with pytest.raises(ConfigError, match="benchmarks CPU targets but the params list CPU, GPU"):
+        check_package_targets(path, ["onnxruntime-cpu", "tensorrt-gpu"])
+    with pytest.raises(ConfigError, match="recompile"):
+        check_package_targets(COMPILED, ["onnxruntime-cpu"])
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,13 @@ import pytest
 from nasforge.errors import TrackingError
 from nasforge.tracking.dvc import dvc_hash, push
 from nasforge.tracking.mlflow_runs import check_reachable, client, open_parent_run, stage_run
-from nasforge.tracking.registry import Challenger, alias_for, beats, register_and_promote
+from nasforge.tracking.registry import (
+    Challenger,
+    alias_for,
+    beats,
+    register_and_promote,
+    rollback,
+)
 
 
 def _challenger(tmp_path: Path, acc: float, lat: float, tag: str = "a") -> Challenger:
@@ -123,37 +129,6 @@ def test_dvc_hash_matches_dvc_add(tmp_path):
     assert (tmp_path / "remote" / "files" / "md5" / h[:2] / h[2:]).is_file()
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (SQLite backend)."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen(
-        [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}", "--artifacts-destination", str(root / "art")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            check_reachable(uri, timeout_s=1)
-            break
-        except TrackingError:
-            if proc.poll() is not None:
-                pytest.fail("mlflow server exited during start-up")
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start in 120 s")
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
 @pytest.mark.slow
 def test_registry_on_real_mlflow_server(mlflow_server, tmp_path):
     uri = mlflow_server
@@ -167,3 +142,115 @@ def test_registry_on_real_mlflow_server(mlflow_server, tmp_path):
     mv = c.get_model_version_by_alias("srv-model", "champion-onnxruntime-cpu")
     assert str(mv.version) == d.version and mv.tags["nasforge.test_accuracy"].startswith("0.9")
     assert c.get_run(run.run_id).data.tags["mlflow.parentRunId"] == parent
+
+
+def _promote(uri: str, run_id: str, tmp_path: Path, acc: float, lat: float, tag: str):
+    return register_and_promote(uri, run_id, "m", _challenger(tmp_path, acc, lat, tag), 0.005, 0.1)
+
+
+def _champion(uri: str, name: str = "m") -> str:
+    return str(client(uri).get_model_version_by_alias(name, "champion-onnxruntime-cpu").version)
+
+
+@pytest.mark.slow
+def test_racing_promotions_leave_one_consistent_champion(mlflow_server, tmp_path):
+    """Six promoters at once, through a real server: the alias ends on the best, whatever order."""
+    uri = mlflow_server
+    name = f"race-{tmp_path.name}"
+    parent = open_parent_run(uri, "race", "p", {})
+    accs = [0.90, 0.95, 0.91, 0.97, 0.93, 0.92]  # equal latency: the most accurate must win
+    barrier = threading.Barrier(len(accs))
+    decisions: dict[float, object] = {}
+    errors: list[BaseException] = []
+
+    def promote(acc: float) -> None:
+        try:
+            with stage_run(uri, "race", f"promote-{acc}", parent) as run:
+                ch = _challenger(tmp_path, acc, 1.0, f"r{acc}")
+                barrier.wait(timeout=60)
+                decisions[acc] = register_and_promote(uri, run.run_id, name, ch, 0.005, 0.1)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread below
+            errors.append(err)
+
+    threads = [threading.Thread(target=promote, args=(a,)) for a in accs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    best = decisions[0.97]
+    assert _champion(uri, name) == best.version
+    # a promoter that reports a promotion was the best of everything registered before it (a
+    # sequential history); one registered after a better version never took the alias
+    by_version = {int(d.version): a for a, d in decisions.items()}
+    for acc, d in decisions.items():
+        earlier = [a for v, a in by_version.items() if v < int(d.version)]
+        if d.promoted:
+            assert all(acc > a for a in earlier), (acc, d.reason)
+    tags = client(uri).get_model_version(name, best.version).tags
+    assert tags["nasforge.decision"] == "promoted"
+
+
+def test_rollback_restores_previous_champion(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = open_parent_run(uri, "t", "p", {})
+    with stage_run(uri, "t", "promote", parent) as run:
+        v1 = _promote(uri, run.run_id, tmp_path, 0.95, 1.0, "1")
+        v2 = _promote(uri, run.run_id, tmp_path, 0.97, 1.0, "2")
+    assert _champion(uri) == v2.version
+    back = rollback(uri, "m", "onnxruntime-cpu", 0.005, 0.1)
+    assert back.version == v1.version and _champion(uri) == v1.version
+    tags = client(uri).get_model_version("m", v2.version).tags
+    assert tags["nasforge.rolled_back"] == "true" and tags["nasforge.decision"] == "rolled-back"
+    # the withdrawn version never comes back: a later, worse challenger is judged against v1
+    with stage_run(uri, "t", "promote", parent) as run:
+        v3 = _promote(uri, run.run_id, tmp_path, 0.94, 1.0, "3")
+    assert not v3.promoted and v3.incumbent_version == v1.version
+    assert _champion(uri) == v1.version
+    # rolling back the only remaining champion removes the alias
+    rollback(uri, "m", "onnxruntime-cpu", 0.005, 0.1)  # v1 out: v3 is the only one left
+    assert _champion(uri) == v3.version
+    rollback(uri, "m", "onnxruntime-cpu", 0.005, 0.1)
+    with pytest.raises(TrackingError, match="no champion"):
+        rollback(uri, "m", "onnxruntime-cpu", 0.005, 0.1)
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("nasforge")
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_rollback(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "p.yaml").write_text(f"tracking:\n  uri: {uri}\n  model_prefix: nf\n")
+    parent = open_parent_run(uri, "t", "p", {})
+    with stage_run(uri, "t", "promote", parent) as run:
+        for acc, tag in ((0.95, "1"), (0.97, "2")):
+            register_and_promote(
+                uri, run.run_id, "nf-onnxruntime-cpu", _challenger(tmp_path, acc, 1.0, tag),
+                0.005, 0.1,
+            )  # fmt: skip
+    assert _champion(uri, "nf-onnxruntime-cpu") == "2"
+    done = _cli(["promote", "--params", "p.yaml", "--rollback", "onnxruntime-cpu"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "rolled back v2; champion is now v1" in done.stdout
+    assert _champion(uri, "nf-onnxruntime-cpu") == "1"
+    # unknown target: one line naming the known ones; nothing changes
+    done = _cli(["promote", "--params", "p.yaml", "--rollback", "quantum-tpu"], tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "quantum-tpu" in done.stderr
+    assert _champion(uri, "nf-onnxruntime-cpu") == "1"
+
+
+def test_promote_with_tracking_server_down_changes_nothing(tmp_path):
+    """Promote and rollback against a dead server: exit 2, one line, no output folder."""
+    (tmp_path / "p.yaml").write_text("tracking:\n  uri: http://127.0.0.1:9\n")
+    (tmp_path / "bench").mkdir()
+    for args in (
+        ["promote", "--params", "p.yaml", "--output", "out", "--benchmarks", "bench"],
+        ["promote", "--params", "p.yaml", "--rollback", "onnxruntime-cpu"],
+    ):
+        done = _cli(args, tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+        assert "127.0.0.1:9" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))

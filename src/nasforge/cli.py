@@ -68,9 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--exported", type=Path, nargs="+", required=True, help="export folders (one per candidate)"
     )
     p.add_argument("--target", required=True)
-    p = sub.add_parser("promote", help="register the best model per target and gate the champion")
-    _common(p)
-    p.add_argument("--benchmarks", type=Path, nargs="+", required=True)
+    p = sub.add_parser(
+        "promote",
+        help="register the best model per target and gate the champion, or roll a champion back",
+    )
+    _common(p, output=False)
+    p.add_argument("--output", type=Path, help="output folder (replaced on success)")
+    p.add_argument("--benchmarks", type=Path, nargs="+")
+    p.add_argument(
+        "--rollback",
+        metavar="TARGET",
+        default=None,
+        help="withdraw TARGET's champion and restore the previous one (nothing else runs)",
+    )
     p = sub.add_parser("report", help="write report.html and summary.json")
     _common(p)
     p.add_argument("--search", type=Path, required=True)
@@ -85,11 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
     c = psub.add_parser("compile", help="compile the pipeline to KFP IR YAML")
     c.add_argument("--output", type=Path, default=Path("pipelines/compiled/nasforge_pipeline.yaml"))
+    which = c.add_mutually_exclusive_group()
+    which.add_argument("--params", type=Path, default=None, help="compile for this file's targets")
+    which.add_argument(
+        "--targets",
+        default=None,
+        help="comma-separated targets (default: onnxruntime-cpu,openvino-cpu,tensorrt-gpu)",
+    )
     for action in ("submit", "schedule"):
         c = psub.add_parser(action, help=f"{action} the compiled pipeline on a KFP host")
         c.add_argument("--host", required=True)
         c.add_argument(
-            "--package", type=Path, default=Path("pipelines/compiled/nasforge_pipeline.yaml")
+            "--package",
+            type=Path,
+            default=None,
+            help="compiled pipeline (default: compile one for the params' targets)",
         )
         c.add_argument("--params", type=Path, default=Path("params.yaml"))
         c.add_argument("--experiment", default="nasforge")
@@ -199,20 +219,42 @@ def _run_stage(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    if args.pipeline_command == "compile":
-        from nasforge.pipelines.nasforge_pipeline import compile_pipeline
+    import tempfile
 
-        path = compile_pipeline(args.output)
-        print(f"compiled {path}")
+    from nasforge.config import load_params
+    from nasforge.pipelines import nasforge_pipeline as pipe
+
+    if args.pipeline_command == "compile":
+        if args.params is not None:
+            targets = list(load_params(args.params).targets)
+        elif args.targets is not None:
+            targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+        else:
+            targets = list(pipe.CLUSTER_TARGETS)
+        path = pipe.compile_pipeline(args.output, targets)
+        print(f"compiled {path} for targets {', '.join(targets)}")
         return 0
     from nasforge import kfp_client
-    from nasforge.config import load_params
 
     params = load_params(args.params)
-    arguments = {"params_json": params.to_json()}
+    arguments = {"params_json": params.to_json(), **pipe.pipeline_arguments(params.targets)}
+    with tempfile.TemporaryDirectory(prefix="nasforge-pipeline-") as tmp:
+        package = args.package
+        if package is None:
+            package = pipe.compile_pipeline(Path(tmp) / "nasforge_pipeline.yaml", params.targets)
+        elif Path(package).is_file():  # a missing file is reported by kfp_client
+            pipe.check_package_targets(package, params.targets)
+        if args.pipeline_command == "submit":
+            from nasforge.tracking.mlflow_runs import open_cluster_parent_run
+
+            arguments["parent_run_id"] = open_cluster_parent_run(params, args.run_name)
+        return _submit_or_schedule(args, kfp_client, package, arguments)
+
+
+def _submit_or_schedule(args: argparse.Namespace, kfp_client, package: Path, arguments) -> int:
     if args.pipeline_command == "submit":
         run_id = kfp_client.submit(
-            args.package,
+            package,
             args.host,
             experiment=args.experiment,
             run_name=args.run_name,
@@ -223,7 +265,7 @@ def _pipeline(args: argparse.Namespace) -> int:
         print(f"submitted run {run_id}")
     else:
         job_id = kfp_client.schedule(
-            args.package,
+            package,
             args.host,
             experiment=args.experiment,
             job_name=args.job_name,
@@ -312,6 +354,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollback(args: argparse.Namespace) -> int:
+    from nasforge.config import load_params
+    from nasforge.hardware.targets import get_target
+    from nasforge.tracking.mlflow_runs import check_reachable
+    from nasforge.tracking.registry import model_name_for, rollback
+
+    params = load_params(args.params)
+    get_target(args.rollback)  # unknown names fail with the list of known ones
+    tp, gate = params.tracking, params.promote
+    check_reachable(tp.uri)
+    model_name = model_name_for(tp.model_prefix, args.rollback)
+    decision = rollback(
+        tp.uri, model_name, args.rollback, gate.accuracy_tolerance, gate.latency_tolerance
+    )
+    print(f"{args.rollback}: {model_name} {decision.reason}")
+    return 0
+
+
 def _targets(args: argparse.Namespace) -> int:
     from nasforge.hardware.targets import get_target, list_targets
 
@@ -341,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
             return _profile(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "promote":
+            if args.rollback is not None:
+                return _rollback(args)
+            if args.output is None or not args.benchmarks:
+                raise ConfigError("promote needs --output and --benchmarks (or --rollback TARGET)")
         return _run_stage(args)
     except NasforgeError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -11,7 +11,13 @@ from nasforge.config import Params
 from nasforge.errors import ModelFileError
 from nasforge.stages import StageResult
 from nasforge.stages.benchmark import BENCHMARK_JSON
-from nasforge.tracking.registry import Challenger, Decision, alias_for, register_and_promote
+from nasforge.tracking.registry import (
+    Challenger,
+    Decision,
+    alias_for,
+    model_name_for,
+    register_and_promote,
+)
 
 PROMOTION_JSON = "promotion.json"
 
@@ -85,7 +91,7 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
             decisions.append(
                 Decision(
                     target,
-                    f"{tp.model_prefix}-{target}",
+                    model_name_for(tp.model_prefix, target),
                     alias_for(target),
                     None,
                     False,
@@ -106,7 +112,7 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
             arch_str=doc["arch_str"],
             tags={"nasforge.dvc_md5": r["dvc_md5"]} if r.get("dvc_md5") else {},
         )
-        model_name = f"{tp.model_prefix}-{target}".replace(":", "-")
+        model_name = model_name_for(tp.model_prefix, target)
         decision = register_and_promote(
             tp.uri,
             run_id,

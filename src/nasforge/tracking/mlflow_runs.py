@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -102,6 +103,29 @@ def open_parent_run(uri: str, experiment: str, run_name: str, params: Mapping[st
     for k, v in flatten(params).items():
         c.log_param(run.info.run_id, k, v[:6000])
     return run.info.run_id
+
+
+def open_cluster_parent_run(params: Any, run_name: str | None = None) -> str:
+    """Open the parent run of a pipeline run submitted to a cluster; return its id or ``""``.
+
+    Only a tracking server (``http(s)://``) is reachable from both the submitting machine and the
+    cluster's pods; for any other store (e.g. SQLite on the pipeline volume) the stage runs are
+    not nested and ``""`` is returned. The pipeline's report task closes the run.
+
+    Raises:
+        TrackingError: The tracking server does not answer.
+    """
+    import time
+
+    uri = params.tracking.uri
+    if not uri.startswith(("http://", "https://")):
+        print(
+            f"note: tracking store {uri} is not a server; stage runs will not be nested",
+            file=sys.stderr,
+        )
+        return ""
+    name = run_name or f"{params.run.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    return open_parent_run(uri, params.tracking.experiment, name, params.model_dump(mode="json"))
 
 
 def close_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
