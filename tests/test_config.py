@@ -55,3 +55,28 @@ def test_json_round_trip():
     p = params_from_dict({"search": {"trials": 7}, "targets": ["openvino-cpu"]})
     q = params_from_json(p.to_json())
     assert q == p and isinstance(q, Params)
+
+
+@pytest.mark.parametrize(
+    ("tune", "match"),
+    [
+        ({"lr": [0.1, 0.01]}, "train.tune.lr"),
+        ({"weight_decay": [0, 0.1]}, "train.tune.weight_decay"),
+        ({"epochs": [0, 3]}, "train.tune.epochs"),
+        ({"sampler": "random"}, "train.tune.sampler"),
+    ],
+)
+def test_bad_tuning_ranges_name_the_field(tune, match):
+    from nasforge.config import params_from_dict
+
+    with pytest.raises(ConfigError, match=match):
+        params_from_dict({"train": {"tune": tune}}, "p.yaml")
+
+
+def test_darts_prior_needs_the_hybrid_strategy():
+    from nasforge.config import params_from_dict
+
+    with pytest.raises(ConfigError, match="search.prior.*only the 'hybrid' strategy"):
+        params_from_dict({"search": {"prior": "darts"}}, "p.yaml")
+    ok = params_from_dict({"search": {"strategy": "hybrid", "prior": "darts"}}, "p.yaml")
+    assert ok.search.prior == "darts"

@@ -86,11 +86,41 @@ def test_search_writes_pareto_set_and_resumable_study(chain):
             assert not np.any(np.all(vals <= v, axis=1) & np.any(vals < v, axis=1))
 
 
+def test_search_with_hybrid_steered_by_a_darts_prior(digits_dir, tmp_path):
+    """The pipeline's search stage runs the same hybrid sampler as bench-search, DARTS-steered."""
+    p = tiny_params(search={"strategy": "hybrid", "prior": "darts", "darts_epochs": 1, "trials": 8})
+    result = execute("search", p, tmp_path / "s", tracking=False, dataset=digits_dir)
+    pareto = json.loads((tmp_path / "s" / "pareto.json").read_text())
+    prior = pareto["prior"]
+    assert prior["kind"] == "darts" and CellSpec.from_arch_str(prior["derived_arch_str"])
+    assert len(prior["op_probabilities"]) == 6
+    for probs in prior["op_probabilities"].values():
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+    assert result.metrics["trials"] == 8 and result.tags["strategy"] == "hybrid"
+
+
 def test_train_distils_and_improves_on_inherited_weights(chain):
     m = chain["train_result"].metrics
     assert m["val_accuracy"] > m["inherited_val_accuracy"]
     meta = json.loads((chain["train"] / "model.json").read_text())
     assert meta["candidate"] == "cand-0" and meta["history"][0]["stage"] == "train"
+
+
+def test_train_tunes_hyperparameters_with_bayesian_optimization(chain):
+    """BO on: each trial trains a copy; the kept model is the best trial's, scored on val."""
+    p = tiny_params(train={"epochs": 1, "tune": {"enabled": True, "trials": 3, "epochs": [1, 2]}})
+    out = chain["root"] / "train-bo"
+    result = execute(
+        "train", p, out, tracking=False, dataset=chain["data"], search=chain["search"], candidate=0
+    )
+    meta = json.loads((out / "model.json").read_text())
+    trials = meta["hparam_trials"]
+    assert len(trials) == 3 and len({t["lr"] for t in trials}) == 3
+    best = max(trials, key=lambda t: t["val_accuracy"])
+    m = result.metrics
+    assert m["val_accuracy"] == pytest.approx(best["val_accuracy"])
+    assert m["chosen_lr"] == pytest.approx(best["lr"]) and 1 <= m["chosen_epochs"] <= 2
+    assert 1e-3 <= m["chosen_lr"] <= 0.1
 
 
 def test_train_rejects_missing_candidate(chain):

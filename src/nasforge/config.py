@@ -72,6 +72,48 @@ class SearchParams(_Section):
     latency_source: Literal["measure", "table"] = Field(
         "measure", description="time each subnet, or predict from a profiled latency table"
     )
+    prior: Literal["none", "darts"] = Field(
+        "none",
+        description="'darts': a short DARTS run's op probabilities steer the 'hybrid' strategy",
+    )
+    darts_epochs: int = Field(5, ge=1, description="epochs of the DARTS run behind the prior")
+
+    @field_validator("prior")
+    @classmethod
+    def _prior_needs_hybrid(cls, v: str, info: Any) -> str:
+        strategy = info.data.get("strategy")
+        if v != "none" and strategy != "hybrid":
+            raise ValueError(f"a '{v}' prior steers only the 'hybrid' strategy (got {strategy!r})")
+        return v
+
+
+class TuneParams(_Section):
+    """Bayesian optimization (Optuna) of the fine-tuning hyper-parameters, per candidate.
+
+    Each trial fine-tunes a copy of the candidate with the sampled learning rate, weight decay and
+    epochs and scores it on the validation split; the best trial's model is kept.
+    """
+
+    enabled: bool = False
+    trials: int = Field(8, ge=1)
+    sampler: Literal["tpe", "gp"] = "tpe"
+    lr: tuple[float, float] = (1e-3, 0.1)
+    weight_decay: tuple[float, float] = (1e-5, 1e-2)
+    epochs: tuple[int, int] = (2, 15)
+
+    @field_validator("lr", "weight_decay")
+    @classmethod
+    def _log_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] < v[1]:
+            raise ValueError(f"must be [low, high] with 0 < low < high (got {list(v)})")
+        return v
+
+    @field_validator("epochs")
+    @classmethod
+    def _epoch_range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError(f"must be [low, high] with 1 <= low <= high (got {list(v)})")
+        return v
 
 
 class TrainParams(_Section):
@@ -83,6 +125,7 @@ class TrainParams(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     kd_temperature: float = Field(4.0, gt=0)
     kd_alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation term")
+    tune: TuneParams = TuneParams()
 
 
 class PruneParams(_Section):

@@ -14,6 +14,7 @@ from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
 from nasforge.errors import ConfigError, ModelFileError
 from nasforge.models import save_model
+from nasforge.search.hparams import tune
 from nasforge.space.cell import CellNetworkShape, count_parameters
 from nasforge.space.nb201 import CellSpec
 from nasforge.stages import StageResult
@@ -74,21 +75,37 @@ def run(params: Params, dataset: Path, search: Path, candidate: int, output: Pat
     teacher_acc = accuracy(teacher, x_val, y_val)
     torch.manual_seed(params.run.seed)
     t0 = time.perf_counter()
-    fit(
-        student,
-        x_train,
-        y_train,
-        epochs=tp.epochs,
-        batch_size=tp.batch_size,
-        lr=tp.lr,
-        weight_decay=tp.weight_decay,
-        seed=params.run.seed,
-        teacher=teacher,
-        kd_temperature=tp.kd_temperature,
-        kd_alpha=tp.kd_alpha,
-    )
+
+    def train_fn(model: torch.nn.Module, lr: float, weight_decay: float, epochs: int) -> None:
+        fit(
+            model,
+            x_train,
+            y_train,
+            epochs=epochs,
+            batch_size=tp.batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=params.run.seed,
+            teacher=teacher,
+            kd_temperature=tp.kd_temperature,
+            kd_alpha=tp.kd_alpha,
+        )
+
+    chosen = {"lr": tp.lr, "weight_decay": tp.weight_decay, "epochs": tp.epochs}
+    tuning = None
+    if tp.tune.enabled:
+        tuning = tune(
+            student, train_fn, lambda m: accuracy(m, x_val, y_val), tp.tune, params.run.seed
+        )
+        student, chosen = tuning.model, tuning.params
+        print(f"  BO ({tp.tune.sampler}, {tp.tune.trials} trials) chose {chosen}", flush=True)
+    else:
+        train_fn(student, tp.lr, tp.weight_decay, tp.epochs)
     seconds = time.perf_counter() - t0
     metrics = {
+        "chosen_lr": float(chosen["lr"]),
+        "chosen_weight_decay": float(chosen["weight_decay"]),
+        "chosen_epochs": int(chosen["epochs"]),
         "inherited_val_accuracy": inherited_acc,
         "teacher_val_accuracy": teacher_acc,
         "val_accuracy": accuracy(student, x_val, y_val),
@@ -106,6 +123,7 @@ def run(params: Params, dataset: Path, search: Path, candidate: int, output: Pat
         "classes": data.classes,
         "search_objectives": cand["objectives"],
         "history": [{"stage": "train", **metrics}],
+        "hparam_trials": tuning.trials if tuning else [],
     }
     save_model(student, output, meta)
     print(
