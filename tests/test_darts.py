@@ -40,8 +40,13 @@ def test_run_darts_moves_alpha_and_derives_valid_spec(digits, order: int) -> Non
     init = DartsNetwork(SHAPE).alpha.detach()
     assert (res.alpha - init).abs().max() > 1e-3
     assert isinstance(res.spec, CellSpec)
-    assert res.spec == derive_spec(res.alpha)
+    assert res.argmax_spec == derive_spec(res.alpha)
     assert "none" not in res.spec.ops  # anti_collapse derives without 'none'
+    # perturbation selection: each edge keeps the op whose removal cost the most accuracy
+    assert set(res.perturbation) == set(PARAM_NAMES)
+    for edge, op in zip(PARAM_NAMES, res.spec.ops, strict=True):
+        drops = res.perturbation[edge]
+        assert "none" not in drops and drops[op] == max(drops.values())
     assert len(res.history) == 2
     assert all(math.isfinite(h["train_loss"]) for h in res.history)
 

@@ -42,12 +42,58 @@ class DataParams(_Section):
     image_size: int | None = Field(None, ge=4, description="resize images to this size")
 
 
-class SpaceParams(_Section):
-    """Search space shape (NAS-Bench-201-style cell network)."""
+class MacroSpaceParams(_Section):
+    """The part of the macro elastic space searched (``space.kind: macro``).
 
-    kind: Literal["cell"] = "cell"
-    channels: int = Field(16, ge=2)
-    cells_per_stage: int = Field(1, ge=1)
+    Each list is a subset of :mod:`nasforge.space.macro`'s choices (default: all of them); a
+    smaller corner (e.g. ``kernels: [3]``, ``expands: [3]``) trains and searches much faster.
+    """
+
+    depths: list[int] = Field(
+        default_factory=lambda: [1, 2, 3], description="blocks per stage, subset of 1, 2, 3"
+    )
+    widths: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75, 1.0],
+        description="stage width multipliers, subset of 0.5, 0.75, 1.0",
+    )
+    kernels: list[int] = Field(
+        default_factory=lambda: [3, 5, 7], description="depthwise kernel sizes, subset of 3, 5, 7"
+    )
+    expands: list[int] = Field(
+        default_factory=lambda: [3, 4, 6], description="expansion ratios, subset of 3, 4, 6"
+    )
+    sandwich_random: int = Field(
+        2, ge=0, description="random subnets per supernet step besides the largest and smallest"
+    )
+
+    @field_validator("depths", "widths", "kernels", "expands")
+    @classmethod
+    def _subset(cls, v: list, info: Any) -> list:
+        from nasforge.space import macro
+
+        full = {
+            "depths": macro.DEPTHS,
+            "widths": macro.WIDTHS,
+            "kernels": macro.KERNELS,
+            "expands": macro.EXPANDS,
+        }[info.field_name]
+        bad = [x for x in v if x not in full]
+        if not v or bad:
+            raise ValueError(f"must be a non-empty subset of {list(full)}")
+        return sorted(set(v))
+
+
+class SpaceParams(_Section):
+    """Search space: the NAS-Bench-201-style cell network or the macro elastic MobileNet space."""
+
+    kind: Literal["cell", "macro"] = Field(
+        "cell",
+        description="'cell': NB201 cells (channels, cells_per_stage); "
+        "'macro': MobileNetV2/Once-for-All elastic space (the 'macro' section)",
+    )
+    channels: int = Field(16, ge=2, description="cell space: channels of the first stage")
+    cells_per_stage: int = Field(1, ge=1, description="cell space: cells per stage")
+    macro: MacroSpaceParams = MacroSpaceParams()
 
 
 class SearchParams(_Section):

@@ -1,7 +1,11 @@
 """The model artifact passed between stages: ``model.json`` + ``weights.safetensors``.
 
-``model.json`` holds the architecture (cell ``arch_str`` and network shape), the dataset's input
-shape and normalisation, and the history of every stage that touched the model. Weights are
+``model.json`` holds the architecture, the dataset's input shape and normalisation, and the
+history of every stage that touched the model. The architecture is ``space`` (``"cell"``, the
+default for files written before the field existed, or ``"macro"``), ``arch_str`` (the NB201
+string of a cell; a readable name of a macro spec) and ``shape`` (the cell network shape; for a
+macro model ``in_channels`` and ``num_classes``); a macro model also stores its
+:class:`~nasforge.space.macro.MacroSpec` as ``spec``. Weights are
 safetensors (never pickle). A pruned model keeps its unpruned architecture description; its
 smaller layers are restored from the weight shapes (``nasforge.compress.prune``).
 """
@@ -16,8 +20,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nasforge.errors import ModelFileError
-from nasforge.space.cell import CellNetwork, CellNetworkShape, build_cell_network
+from nasforge.errors import ConfigError, ModelFileError
+from nasforge.space.cell import CellNetworkShape, build_cell_network
+from nasforge.space.macro import MacroSpec, build_macro_network
 from nasforge.space.nb201 import CellSpec
 
 MODEL_JSON = "model.json"
@@ -45,12 +50,35 @@ def read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelFileError(f"corrupt {f}: {err}") from None
-    if "arch_str" not in meta or "shape" not in meta:
+    if not isinstance(meta, dict) or "arch_str" not in meta or "shape" not in meta:
         raise ModelFileError(f"{f} lacks arch_str/shape")
+    space = meta.get("space", "cell")
+    if space not in ("cell", "macro"):
+        raise ModelFileError(f"{f}: unknown search space {space!r} (expected 'cell' or 'macro')")
+    if space == "macro" and "spec" not in meta:
+        raise ModelFileError(f"{f}: a macro model needs its spec")
     return meta
 
 
-def load_model(path: str | Path) -> tuple[CellNetwork, dict[str, Any]]:
+def build_network(meta: dict[str, Any]) -> torch.nn.Module:
+    """The freshly initialised (unpruned) network that ``meta`` (a ``model.json``) describes.
+
+    Raises:
+        ModelFileError: The architecture fields are malformed.
+    """
+    try:
+        if meta.get("space", "cell") == "macro":
+            shape = meta["shape"]
+            spec = MacroSpec.from_json(json.dumps(meta["spec"]))
+            return build_macro_network(spec, int(shape["in_channels"]), int(shape["num_classes"]))
+        return build_cell_network(
+            CellSpec.from_arch_str(meta["arch_str"]), CellNetworkShape(**meta["shape"])
+        )
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        raise ModelFileError(f"bad architecture in {MODEL_JSON}: {err}") from None
+
+
+def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the network of a model artifact with its weights (pruned shapes included).
 
     Raises:
@@ -65,9 +93,7 @@ def load_model(path: str | Path) -> tuple[CellNetwork, dict[str, Any]]:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelFileError(f"corrupt or truncated weights {weights}: {err}") from None
-    model = build_cell_network(
-        CellSpec.from_arch_str(meta["arch_str"]), CellNetworkShape(**meta["shape"])
-    )
+    model = build_network(meta)
     own = model.state_dict()
     try:
         if all(k in own and own[k].shape == v.shape for k, v in state.items()) and len(

@@ -144,7 +144,12 @@ def select_candidates(
 
 
 def run(params: Params, dataset: Path, output: Path) -> StageResult:
-    """Train the supernet on ``dataset`` and write the Pareto candidates to ``output``."""
+    """Train the supernet on ``dataset`` and write the Pareto candidates to ``output``.
+
+    ``space.kind: macro`` searches the macro elastic space instead (:func:`run_macro`).
+    """
+    if params.space.kind == "macro":
+        return run_macro(params, dataset, output)
     sp = params.search
     targets = resolve_targets(params.targets)
     data = load_prepared(dataset)
@@ -264,6 +269,55 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
         model_dir=output,
         artifacts=[output / "pareto.json", output / "history.json"],
     )
+
+
+def run_macro(params: Params, dataset: Path, output: Path) -> StageResult:
+    """The search stage over the macro elastic space (MobileNetV2 / Once-for-All style).
+
+    Progressive shrinking of a :class:`~nasforge.supernet.macro_supernet.MacroSupernet`, then
+    the same strategies and Optuna study as the cell search
+    (:func:`nasforge.supernet.macro_search.run_macro_search`); latency objectives come from a
+    :class:`LatencyPredictor` over the macro block space, resolved from ``targets`` as in the
+    cell search.
+
+    Raises:
+        ConfigError: a DARTS prior (cell space only) or a table target (its CSV is keyed by
+            NB201 cells) was asked for.
+    """
+    from nasforge.errors import ConfigError
+    from nasforge.supernet.macro_search import (
+        choices_from_params,
+        macro_latency_predictor,
+        run_macro_search,
+    )
+
+    sp = params.search
+    if sp.prior != "none":
+        raise ConfigError(
+            f"search.prior '{sp.prior}' steers the cell space only (space.kind: cell)"
+        )
+    targets = resolve_targets(params.targets)
+    tables = [t.name for t in targets if t.kind == "table"]
+    if tables:
+        raise ConfigError(
+            f"target {tables[0]!r} looks latencies up by NB201 cell; the macro space needs "
+            "runtime targets"
+        )
+    choices = choices_from_params(params)
+
+    def predictor_factory(input_shape: tuple[int, ...], num_classes: int) -> LatencyPredictor:
+        return macro_latency_predictor(
+            targets,
+            input_shape,
+            num_classes,
+            batch_size=sp.latency_batch_size,
+            mode=sp.latency_source,
+            threads=params.run.threads,
+            progress=lambda msg: print(f"  {msg}", flush=True),
+            choices=choices,
+        )
+
+    return run_macro_search(params, dataset, output, predictor_factory=predictor_factory)
 
 
 def darts_prior(

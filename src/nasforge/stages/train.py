@@ -1,10 +1,18 @@
 """train: fine-tune one Pareto candidate from inherited supernet weights, distilling from the
-largest subnet (logit KD, Hinton et al. 2015)."""
+largest subnet (logit KD, Hinton et al. 2015).
+
+Both search spaces: a cell candidate carries its NB201 ``arch_str``, a macro candidate
+(``pareto.json`` with ``space: macro``) its :class:`~nasforge.space.macro.MacroSpec` as
+``spec``; either way the subnet and the teacher are cut from the trained supernet with
+recalibrated BatchNorm and fine-tuned by the same ``fit`` (or BO tuning) loop.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -38,20 +46,66 @@ def load_supernet(search_dir: Path, shape: CellNetworkShape) -> CellSupernet:
     return supernet
 
 
+def _calibration_batches(x_train: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [
+        x_train[i : i + batch_size] for i in range(0, min(len(x_train), 8 * batch_size), batch_size)
+    ]
+
+
 def extract(
-    supernet: CellSupernet, spec: CellSpec, x_train: torch.Tensor, batch_size: int
+    supernet: torch.nn.Module, spec: Any, x_train: torch.Tensor, batch_size: int
 ) -> torch.nn.Module:
-    """Standalone subnet with inherited weights and recalibrated BatchNorm."""
+    """Standalone subnet with inherited weights and recalibrated BatchNorm.
+
+    Works for a :class:`CellSupernet` with a :class:`CellSpec` and for a
+    :class:`~nasforge.supernet.macro_supernet.MacroSupernet` with a
+    :class:`~nasforge.space.macro.MacroSpec` (both follow OFA's ``set_active_subnet`` /
+    ``get_active_subnet``).
+    """
     supernet.set_active_subnet(spec)
     subnet = supernet.get_active_subnet()
-    recalibrate_bn(
-        subnet,
-        [
-            x_train[i : i + batch_size]
-            for i in range(0, min(len(x_train), 8 * batch_size), batch_size)
-        ],
-    )
+    recalibrate_bn(subnet, _calibration_batches(x_train, batch_size))
     return subnet
+
+
+def _cell_networks(
+    pareto: dict[str, Any], cand: dict[str, Any], search: Path, x_train: torch.Tensor, bs: int
+) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
+    """(teacher, student, architecture fields of model.json) for a cell-space candidate."""
+    shape = CellNetworkShape(**pareto["shape"])
+    supernet = load_supernet(search, shape)
+    spec = CellSpec.from_arch_str(cand["arch_str"])
+    teacher = extract(supernet, LARGEST_SPEC, x_train, bs)
+    student = extract(supernet, spec, x_train, bs)
+    return teacher, student, {"space": "cell", "arch_str": spec.arch_str, "shape": shape.to_dict()}
+
+
+def _macro_networks(
+    pareto: dict[str, Any], cand: dict[str, Any], search: Path, x_train: torch.Tensor, bs: int
+) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
+    """(teacher, student, architecture fields of model.json) for a macro-space candidate; the
+    teacher is the largest spec of the searched part of the space."""
+    from nasforge.space.macro import MacroSpec
+    from nasforge.supernet.macro_search import load_macro_supernet, macro_arch_str
+
+    shape = {
+        "in_channels": int(pareto["input_shape"][0]),
+        "num_classes": int(pareto["num_classes"]),
+    }
+    supernet = load_macro_supernet(search, shape["in_channels"], shape["num_classes"])
+    if "spec" not in cand:
+        raise ModelFileError(f"macro candidate {cand.get('id')} in {search} has no spec")
+    spec = MacroSpec.from_json(json.dumps(cand["spec"]))
+    teacher_spec = MacroSpec.from_json(json.dumps(pareto["teacher"]["spec"]))
+    teacher = extract(supernet, teacher_spec, x_train, bs)
+    student = extract(supernet, spec, x_train, bs)
+    arch = {
+        "space": "macro",
+        "arch_str": macro_arch_str(spec),
+        "spec": json.loads(spec.to_json()),
+        "shape": shape,
+    }
+    return teacher, student, arch
 
 
 def run(params: Params, dataset: Path, search: Path, candidate: int, output: Path) -> StageResult:
@@ -63,14 +117,11 @@ def run(params: Params, dataset: Path, search: Path, candidate: int, output: Pat
         raise ConfigError(f"candidate {candidate} does not exist; the search produced {len(cands)}")
     cand = cands[candidate]
     data = load_prepared(dataset)
-    shape = CellNetworkShape(**pareto["shape"])
     x_train, y_train = data.tensors("train")
     x_val, y_val = data.tensors("val")
     x_test, y_test = data.tensors("test")
-    supernet = load_supernet(search, shape)
-    spec = CellSpec.from_arch_str(cand["arch_str"])
-    teacher = extract(supernet, LARGEST_SPEC, x_train, tp.batch_size)
-    student = extract(supernet, spec, x_train, tp.batch_size)
+    networks = _macro_networks if pareto.get("space") == "macro" else _cell_networks
+    teacher, student, arch = networks(pareto, cand, search, x_train, tp.batch_size)
     inherited_acc = accuracy(student, x_val, y_val)
     teacher_acc = accuracy(teacher, x_val, y_val)
     torch.manual_seed(params.run.seed)
@@ -115,8 +166,7 @@ def run(params: Params, dataset: Path, search: Path, candidate: int, output: Pat
     }
     meta = {
         "candidate": cand["id"],
-        "arch_str": spec.arch_str,
-        "shape": shape.to_dict(),
+        **arch,
         "input_shape": list(data.input_shape),
         "mean": data.mean,
         "std": data.std,
@@ -127,12 +177,12 @@ def run(params: Params, dataset: Path, search: Path, candidate: int, output: Pat
     }
     save_model(student, output, meta)
     print(
-        f"  {cand['id']} {spec.arch_str}: val {metrics['val_accuracy']:.4f} (inherited {inherited_acc:.4f}, teacher {teacher_acc:.4f})",
+        f"  {cand['id']} {arch['arch_str']}: val {metrics['val_accuracy']:.4f} (inherited {inherited_acc:.4f}, teacher {teacher_acc:.4f})",
         flush=True,
     )
     return StageResult(
         metrics=metrics,
-        tags={"candidate": cand["id"], "arch_str": spec.arch_str},
+        tags={"candidate": cand["id"], "arch_str": arch["arch_str"], "space": arch["space"]},
         model_dir=output,
         artifacts=[output / "model.json"],
     )

@@ -34,8 +34,11 @@ two measures, both with a stated mechanism and tested:
    DARTS one (no train/derive mismatch). We chose it over progressive early stopping (DARTS+) because
    it needs no threshold tuned to the space, and over noise on skip (NoisyDARTS) because its
    effect is deterministic and therefore testable.
-2. **``none`` excluded from the argmax** when deriving the cell (NAS-Bench-201's own DARTS
-   protocol; ``none`` has the largest weight early on simply because zeros are "safe").
+2. **Selection by perturbation, not by alpha** (DARTS-PT, Wang et al., ICLR 2021): the cell
+   keeps, per edge, the op whose removal costs the trained supernet the most accuracy
+   (:func:`derive_spec_by_perturbation`); ``none`` is never selected (NAS-Bench-201's own DARTS
+   protocol excludes it from the argmax; ``none`` has the largest weight early on simply because
+   zeros are "safe"). ``selection="argmax"`` keeps the argmax without ``none`` instead.
 3. **Weight warm-up** (as in PC-DARTS / DARTS+): ``alpha`` is frozen for the first
    ``warmup`` share of the steps (0.3 by default with ``anti_collapse``). Untrained convolutions
    output noise, so any early comparison favours parameter-free ops; with short, time-boxed
@@ -74,6 +77,9 @@ class DartsNetwork(CellNetwork):
         # Small random init breaks ties between ops (as in the DARTS code).
         self.alpha = nn.Parameter(1e-3 * torch.randn(len(EDGES), len(OPS)))
         self.aux_skip_beta = 0.0
+        # (edges, ops) multipliers applied after the softmax; 0 removes an op (perturbation
+        # selection). ``None``: no mask.
+        self.op_mask: torch.Tensor | None = None
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """All network weights except the architecture parameters."""
@@ -96,6 +102,8 @@ class DartsNetwork(CellNetwork):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         weights = F.softmax(self.alpha, dim=-1)
+        if self.op_mask is not None:
+            weights = weights * self.op_mask
         x = self.stem(x)
         for layer in self.cells:
             if isinstance(layer, Cell):
@@ -122,6 +130,8 @@ class DartsResult:
     alpha: torch.Tensor
     spec: CellSpec
     history: list[dict] = field(default_factory=list)
+    argmax_spec: CellSpec | None = None
+    perturbation: dict[str, dict[str, float]] | None = None
 
 
 def derive_spec(alpha: torch.Tensor, exclude_none: bool = True) -> CellSpec:
@@ -141,6 +151,51 @@ def derive_spec(alpha: torch.Tensor, exclude_none: bool = True) -> CellSpec:
         a = a.clone()
         a[:, OPS.index("none")] = -math.inf
     return CellSpec(tuple(OPS[int(i)] for i in a.argmax(dim=1)))
+
+
+def derive_spec_by_perturbation(
+    model: DartsNetwork, x: torch.Tensor, y: torch.Tensor
+) -> tuple[CellSpec, dict[str, dict[str, float]]]:
+    """Derive a cell by perturbation (DARTS-PT, Wang et al., ICLR 2021), one shot.
+
+    For each edge, each op except ``none`` is removed from the trained supernet in turn and the
+    supernet's accuracy on ``(x, y)`` is measured; the edge keeps the op whose removal costs the
+    most. ``alpha`` says how much weight an op *got*, not how much the network *needs* it, and
+    parameter-free ops collect weight early without being needed; the accuracy drop measures the
+    need directly. DARTS-PT discretizes edge by edge with fine-tuning in between; we score all
+    edges on the same trained supernet (no fine-tuning), which keeps selection to
+    ``6 x 4`` evaluations.
+
+    Returns:
+        The derived cell and, per edge, the accuracy drop of removing each op.
+    """
+    model.eval()
+    model.op_mask = None
+    base = accuracy(model, x, y)
+    ops, drops = [], {}
+    try:
+        for k, edge in enumerate(PARAM_NAMES):
+            drops[edge] = {}
+            for j, op in enumerate(OPS):
+                if op == "none":
+                    continue
+                mask = torch.ones(len(EDGES), len(OPS))
+                mask[k, j] = 0.0
+                model.op_mask = mask
+                drops[edge][op] = base - accuracy(model, x, y)
+            # Ties (e.g. an op the network ignores entirely): the larger alpha decides.
+            ops.append(
+                max(
+                    drops[edge],
+                    key=lambda o, k=k: (
+                        drops[edge][o],
+                        float(model.alpha[k, OPS.index(o)].detach()),
+                    ),
+                )
+            )
+    finally:
+        model.op_mask = None
+    return CellSpec(tuple(ops)), drops
 
 
 def op_prior(alpha: torch.Tensor) -> dict[str, dict[str, float]]:
@@ -241,6 +296,7 @@ def run_darts(
     y_eval: torch.Tensor | None = None,
     time_budget_s: float | None = None,
     warmup: float | None = None,
+    selection: str = "perturbation",
 ) -> DartsResult:
     """Search the NAS-Bench-201 cell with DARTS.
 
@@ -263,6 +319,9 @@ def run_darts(
         grad_clip: Gradient-norm clip of the weights.
         x_eval: Optional held-out images whose supernet accuracy is logged per epoch.
         y_eval: Labels of ``x_eval``.
+        selection: With ``anti_collapse``, how the cell is derived: ``"perturbation"``
+            (:func:`derive_spec_by_perturbation` on the alpha half) or ``"argmax"`` of alpha
+            (without ``none``). Without ``anti_collapse``: always the plain argmax.
         warmup: Share of the search (by progress, see ``beta``) during which alpha is frozen;
             ``None`` means 0.3 with ``anti_collapse`` and 0 without.
         time_budget_s: Stop at the first step after this many seconds (the epoch in progress
@@ -282,6 +341,8 @@ def run_darts(
         raise ConfigError("DARTS needs at least 4 training images with one label each")
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if selection not in ("perturbation", "argmax"):
+        raise ConfigError(f"DARTS selection must be 'perturbation' or 'argmax', got {selection!r}")
     if warmup is None:
         warmup = 0.3 if anti_collapse else 0.0
     if not 0.0 <= warmup < 1.0:
@@ -368,4 +429,12 @@ def run_darts(
         if out_of_time:
             break
     alpha = model.alpha.detach().clone()
-    return DartsResult(alpha=alpha, spec=derive_spec(alpha, anti_collapse), history=history)
+    model.aux_skip_beta = 0.0
+    argmax_spec = derive_spec(alpha, exclude_none=anti_collapse)
+    if anti_collapse and selection == "perturbation":
+        spec, drops = derive_spec_by_perturbation(model, xv, yv)
+    else:
+        spec, drops = argmax_spec, None
+    return DartsResult(
+        alpha=alpha, spec=spec, history=history, argmax_spec=argmax_spec, perturbation=drops
+    )

@@ -1,0 +1,504 @@
+"""Search the macro elastic space through a trained :class:`MacroSupernet`.
+
+The glue between the macro supernet and the search engine: subnets are scored with inherited
+weights (after BN recalibration) and proposed by the very strategies of the tabular benchmark
+(:func:`nasforge.search.samplers.make_sampler`) in an Optuna study, so the same code, storage
+and resumption serve both spaces. :func:`run_macro_search` is the search stage's body for
+``space.kind == "macro"``; it writes the same ``pareto.json`` / ``history.json`` layout as the cell
+search, with each record's architecture as a ``spec`` object (:meth:`MacroSpec.to_json`) instead
+of an ``arch_str``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+
+from nasforge.errors import ConfigError
+from nasforge.search.base import Prior
+from nasforge.search.pareto import non_domination_rank
+from nasforge.search.samplers import make_sampler
+from nasforge.space.cell import count_parameters
+from nasforge.space.macro import MacroSpec, macro_search_space
+from nasforge.supernet.macro_supernet import (
+    FULL_SPACE,
+    ElasticChoices,
+    MacroSupernet,
+    evaluate_subnet,
+    train_progressive,
+)
+
+STUDY_NAME = "nasforge-macro-search"
+
+
+class MacroSubnetEvaluator:
+    """Scores macro subnets of a trained supernet on every objective; caches repeated specs.
+
+    Objectives (all minimised): ``val_error`` (inherited weights, BN recalibrated on
+    ``bn_batches`` training batches), ``latency_ms[<target>]`` for every target of ``predictor``
+    (e.g. a :class:`nasforge.hardware.predictor.LatencyPredictor` over a
+    :class:`nasforge.hardware.spaces.MacroBlockSpace`; anything with ``targets`` and
+    ``predict(spec) -> {name: ms}``), and ``params``.
+    """
+
+    def __init__(
+        self,
+        supernet: MacroSupernet,
+        x_train: torch.Tensor,
+        x_val: torch.Tensor,
+        y_val: torch.Tensor,
+        predictor: Any | None = None,
+        *,
+        bn_batches: int = 4,
+        batch_size: int = 64,
+    ) -> None:
+        self.supernet = supernet
+        self.x_train, self.x_val, self.y_val = x_train, x_val, y_val
+        self.predictor = predictor
+        self.bn_batches = bn_batches
+        self.batch_size = batch_size
+        self.cache: dict[MacroSpec, dict[str, float]] = {}
+
+    def objective_names(self) -> list[str]:
+        """Names of the objectives, in the study's order."""
+        targets = [] if self.predictor is None else [t.name for t in self.predictor.targets]
+        return ["val_error"] + [f"latency_ms[{n}]" for n in targets] + ["params"]
+
+    def evaluate(self, spec: MacroSpec) -> dict[str, float]:
+        """All objective values of ``spec`` (cached)."""
+        if spec in self.cache:
+            return self.cache[spec]
+        acc, subnet = evaluate_subnet(
+            self.supernet,
+            spec,
+            self.x_val,
+            self.y_val,
+            self.x_train,
+            bn_batches=self.bn_batches,
+            batch_size=self.batch_size,
+        )
+        values = {"val_error": 1.0 - acc}
+        if self.predictor is not None:
+            for name, ms in self.predictor.predict(spec).items():
+                values[f"latency_ms[{name}]"] = float(ms)
+        values["params"] = float(count_parameters(subnet))
+        self.cache[spec] = values
+        return values
+
+
+def macro_arch_str(spec: MacroSpec) -> str:
+    """A compact, readable one-line name of ``spec`` (what ``arch_str`` holds for the cell space),
+    e.g. ``macro:d=1,2,1,1;w=0.5,1,1,1;k=3,3,5,3;e=3,3,3,3``: per-stage depth, width, kernel and
+    expansion."""
+
+    def join(values: tuple) -> str:
+        return ",".join(f"{v:g}" for v in values)
+
+    return (
+        f"macro:d={join(spec.depths)};w={join(spec.widths)};"
+        f"k={join(spec.kernels)};e={join(spec.expands)}"
+    )
+
+
+def choices_search_space(choices: ElasticChoices = FULL_SPACE) -> dict[str, list]:
+    """Sampler parameters (``stage0_depth`` ...) restricted to ``choices``."""
+    by_field = {
+        "depth": choices.depths,
+        "width": choices.widths,
+        "kernel": choices.kernels,
+        "expand": choices.expands,
+    }
+    return {name: list(by_field[name.split("_", 1)[1]]) for name in macro_search_space()}
+
+
+def macro_distributions(
+    choices: ElasticChoices = FULL_SPACE,
+) -> dict[str, optuna.distributions.CategoricalDistribution]:
+    """Optuna distributions of the macro space's sampler parameters (within ``choices``)."""
+    return {
+        name: optuna.distributions.CategoricalDistribution(values)
+        for name, values in choices_search_space(choices).items()
+    }
+
+
+def progressive_phases(choices: ElasticChoices = FULL_SPACE) -> tuple[ElasticChoices, ...]:
+    """OFA's progressive-shrinking phases inside ``choices``: the largest network, then elastic
+    kernel, depth, and width + expansion (:data:`DEFAULT_PHASES` for the full space).
+
+    A phase that opens nothing new (its dimension has one choice in ``choices``) is dropped.
+    """
+    top = dict(
+        depths=choices.depths[-1:],
+        widths=choices.widths[-1:],
+        kernels=choices.kernels[-1:],
+        expands=choices.expands[-1:],
+    )
+    candidates = [
+        ElasticChoices("largest", **top),
+        ElasticChoices("kernel", **{**top, "kernels": choices.kernels}),
+        ElasticChoices("depth", **{**top, "kernels": choices.kernels, "depths": choices.depths}),
+        ElasticChoices(
+            "width",
+            depths=choices.depths,
+            widths=choices.widths,
+            kernels=choices.kernels,
+            expands=choices.expands,
+        ),
+    ]
+
+    def dims(c: ElasticChoices) -> tuple:
+        return (c.depths, c.widths, c.kernels, c.expands)
+
+    phases = [candidates[0]]
+    for c in candidates[1:]:
+        if dims(c) != dims(phases[-1]):
+            phases.append(c)
+    return tuple(phases)
+
+
+def choices_from_params(params: Any) -> ElasticChoices:
+    """The part of the macro space configured in ``params.space.macro`` (full space if absent)."""
+    macro = getattr(getattr(params, "space", None), "macro", None)
+    if macro is None:
+        return FULL_SPACE
+    return ElasticChoices(
+        "configured",
+        depths=tuple(macro.depths),
+        widths=tuple(macro.widths),
+        kernels=tuple(macro.kernels),
+        expands=tuple(macro.expands),
+    )
+
+
+def search_macro_subnets(
+    evaluator: MacroSubnetEvaluator,
+    *,
+    strategy: str,
+    trials: int,
+    seed: int,
+    storage: str | None = None,
+    study_name: str = STUDY_NAME,
+    prior: Prior | None = None,
+    progress: Callable[[str], None] | None = None,
+    choices: ElasticChoices = FULL_SPACE,
+) -> list[dict[str, Any]]:
+    """Run (or resume) a multi-objective search over the macro space.
+
+    The strategy is built by :func:`make_sampler`, the same code the tabular benchmark runs.
+    With ``storage`` (an Optuna RDB URL such as ``sqlite:///study.db``) a killed search resumes
+    where it stopped: finished trials are kept and not evaluated again.
+
+    Args:
+        evaluator: Scores a spec on every objective.
+        strategy: A name from :data:`nasforge.search.samplers.STRATEGIES`.
+        trials: Completed trials wanted in the study.
+        seed: Sampler seed.
+        storage: Optuna storage URL (None: in memory).
+        study_name: Study name inside ``storage``.
+        prior: Op-probability prior for the strategies that take one.
+        progress: One-line progress callback.
+        choices: The part of the space searched (default: all of it).
+
+    Returns:
+        One record per completed trial: ``trial``, ``spec`` (dict), ``arch_str``
+        (:func:`macro_arch_str`), ``objectives``.
+
+    Raises:
+        ConfigError: ``trials`` below 1, or a bad strategy.
+    """
+    if trials < 1:
+        raise ConfigError(f"trials must be >= 1, got {trials}")
+    names = evaluator.objective_names()
+    space = choices_search_space(choices)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        directions=["minimize"] * len(names),
+        sampler=make_sampler(strategy, seed, search_space=space, prior=prior),
+        load_if_exists=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(names)
+    dists = macro_distributions(choices)
+
+    def completed() -> list[optuna.trial.FrozenTrial]:
+        return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+    done = completed()
+    if not done and not study.trials:
+        # The largest subnet is the distillation teacher; evaluating it first anchors the front.
+        study.enqueue_trial(choices.largest().to_params())
+    while len(done) < trials:
+        trial = study.ask(dists)
+        spec = MacroSpec.from_params(trial.params)
+        values = evaluator.evaluate(spec)
+        study.tell(trial, [values[n] for n in names])
+        done = completed()
+        if progress and (len(done) % max(1, trials // 5) == 0 or len(done) == trials):
+            progress(f"macro search trial {len(done)}/{trials}: err={values['val_error']:.3f}")
+    records = []
+    for t in done:
+        spec = MacroSpec.from_params(t.params)
+        records.append(
+            {
+                "trial": t.number,
+                "spec": json.loads(spec.to_json()),
+                "arch_str": macro_arch_str(spec),
+                "objectives": dict(zip(names, t.values, strict=True)),
+            }
+        )
+    return records
+
+
+def select_macro_candidates(
+    records: list[dict[str, Any]], names: list[str], k: int, accuracy_window: float = 1.0
+) -> list[dict[str, Any]]:
+    """Up to ``k`` candidates: non-dominated fronts in order, spread along each front by
+    validation error, among subnets within ``accuracy_window`` of the best accuracy. Every record
+    gets its ``rank`` (over all records).
+
+    Raises:
+        ConfigError: ``records`` is empty.
+    """
+    if not records:
+        raise ConfigError("the macro search produced no trials")
+    losses = np.array([[r["objectives"][n] for n in names] for r in records], dtype=float)
+    for r, rank in zip(records, non_domination_rank(losses), strict=True):
+        r["rank"] = int(rank)
+    best = min(r["objectives"]["val_error"] for r in records)
+    eligible = [
+        r for r in records if r["objectives"]["val_error"] <= best + accuracy_window + 1e-12
+    ]
+    el_losses = np.array([[r["objectives"][n] for n in names] for r in eligible], dtype=float)
+    el_ranks = non_domination_rank(el_losses)
+    chosen: list[dict[str, Any]] = []
+    for rank in sorted({int(x) for x in el_ranks}):
+        need = k - len(chosen)
+        if need <= 0:
+            break
+        front = sorted(
+            (r for r, rk in zip(eligible, el_ranks, strict=True) if rk == rank),
+            key=lambda r: r["objectives"]["val_error"],
+        )
+        if len(front) <= need:
+            chosen.extend(front)
+        else:
+            idx = np.unique(np.round(np.linspace(0, len(front) - 1, need)).astype(int))
+            chosen.extend(front[i] for i in idx)
+    return chosen
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def macro_latency_predictor(
+    targets: list[Any],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    batch_size: int = 1,
+    mode: str = "measure",
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    choices: ElasticChoices = FULL_SPACE,
+) -> Any:
+    """A :class:`~nasforge.hardware.predictor.LatencyPredictor` over the macro block space of
+    this input shape (the latency objectives of :class:`MacroSubnetEvaluator`); in ``table`` mode
+    only the blocks ``choices`` can contain are profiled."""
+    from nasforge.hardware.predictor import LatencyPredictor
+    from nasforge.hardware.spaces import MacroBlockSpace
+
+    space = MacroBlockSpace(
+        input_shape[0],
+        num_classes,
+        tuple(input_shape[1:3]),
+        depths=choices.depths,
+        widths=choices.widths,
+        kernels=choices.kernels,
+        expands=choices.expands,
+    )
+    return LatencyPredictor(
+        targets, space, batch_size=batch_size, mode=mode, threads=threads, progress=progress
+    )
+
+
+def load_macro_supernet(search_dir: Path, in_channels: int, num_classes: int) -> MacroSupernet:
+    """The trained supernet saved by :func:`run_macro_search` (``supernet.safetensors``).
+
+    Raises:
+        ModelFileError: the file is missing or does not match the macro supernet.
+    """
+    from safetensors.torch import load_file
+
+    from nasforge.errors import ModelFileError
+
+    f = Path(search_dir) / "supernet.safetensors"
+    if not f.is_file():
+        raise ModelFileError(f"not a macro search output (no supernet.safetensors): {search_dir}")
+    supernet = MacroSupernet(in_channels, num_classes)
+    try:
+        supernet.load_state_dict(load_file(str(f)))
+    except (RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise ModelFileError(f"{f} is not a macro supernet checkpoint: {first}") from None
+    return supernet.eval()
+
+
+def split_epochs(total: int, n_phases: int) -> list[int]:
+    """Spread ``total`` supernet epochs over ``n_phases`` phases (the first, largest-only phase
+    gets the remainder: OFA trains the full network longest); every phase gets at least one."""
+    base = max(1, total // n_phases)
+    epochs = [base] * n_phases
+    epochs[0] += max(0, total - base * n_phases)
+    return epochs
+
+
+def run_macro_search(
+    params: Any, dataset: Path, output: Path, predictor_factory: Callable | None = None
+) -> Any:
+    """The search stage for the macro space: progressive shrinking, then a strategy's search.
+
+    Reads the same :class:`nasforge.config.Params` fields as the cell search
+    (``search.supernet_epochs`` spread over the phases of :func:`progressive_phases`,
+    ``batch_size``, ``lr``, ``weight_decay``, ``strategy``, ``trials``, ``max_candidates``,
+    ``candidate_accuracy_window``, ``bn_recalibration_batches``; ``run.seed``) plus
+    ``space.macro`` (the part of the space searched, random subnets per sandwich step) and
+    writes ``supernet.safetensors``, ``study.db``, ``pareto.json`` and ``history.json`` to
+    ``output``. Records and candidates carry ``spec`` (:meth:`MacroSpec.to_json` as an object)
+    and a readable ``arch_str`` (:func:`macro_arch_str`).
+
+    Args:
+        params: Pipeline parameters.
+        dataset: Prepared dataset folder.
+        output: Output folder.
+        predictor_factory: ``(input_shape, num_classes) -> predictor`` for latency objectives
+            (e.g. :func:`macro_latency_predictor`); None: no latency objective.
+
+    Returns:
+        A :class:`nasforge.stages.StageResult`.
+    """
+    from safetensors.torch import save_file
+
+    from nasforge.data.prepared import load_prepared
+    from nasforge.stages import StageResult
+
+    sp = params.search
+    choices = choices_from_params(params)
+    macro = getattr(getattr(params, "space", None), "macro", None)
+    n_random = macro.sandwich_random if macro is not None else 2
+    phases = progressive_phases(choices)
+    data = load_prepared(dataset)
+    torch.manual_seed(params.run.seed)
+    supernet = MacroSupernet(data.input_shape[0], data.num_classes, choices)
+    x_train, y_train = data.tensors("train")
+    x_val, y_val = data.tensors("val")
+    t0 = time.perf_counter()
+    losses = train_progressive(
+        supernet,
+        x_train,
+        y_train,
+        phases=phases,
+        epochs_per_phase=split_epochs(sp.supernet_epochs, len(phases)),
+        batch_size=sp.batch_size,
+        lr=sp.lr,
+        weight_decay=sp.weight_decay,
+        n_random=n_random,
+        seed=params.run.seed,
+        log_every=1,
+    )
+    supernet_seconds = time.perf_counter() - t0
+    output.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in supernet.state_dict().items()},
+        str(output / "supernet.safetensors"),
+    )
+    predictor = predictor_factory(data.input_shape, data.num_classes) if predictor_factory else None
+    evaluator = MacroSubnetEvaluator(
+        supernet,
+        x_train,
+        x_val,
+        y_val,
+        predictor,
+        bn_batches=sp.bn_recalibration_batches,
+        batch_size=sp.batch_size,
+    )
+    names = evaluator.objective_names()
+    t1 = time.perf_counter()
+    records = search_macro_subnets(
+        evaluator,
+        strategy=sp.strategy,
+        trials=sp.trials,
+        seed=params.run.seed,
+        storage=f"sqlite:///{output / 'study.db'}",
+        progress=lambda msg: print(f"  {msg}", flush=True),
+        choices=choices,
+    )
+    search_seconds = time.perf_counter() - t1
+    candidates = select_macro_candidates(
+        records, names, sp.max_candidates, sp.candidate_accuracy_window
+    )
+    teacher = choices.largest()
+    pareto = {
+        "space": "macro",
+        "objectives": names,
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "shape": {"in_channels": data.input_shape[0], "num_classes": data.num_classes},
+        "choices": {
+            "depths": list(choices.depths),
+            "widths": list(choices.widths),
+            "kernels": list(choices.kernels),
+            "expands": list(choices.expands),
+        },
+        "phases": [p.name for p in phases],
+        "teacher": {"spec": json.loads(teacher.to_json()), "arch_str": macro_arch_str(teacher)},
+        "candidates": [{"id": f"cand-{i}", **c} for i, c in enumerate(candidates)],
+        "front": [r for r in records if r["rank"] == 0],
+    }
+    if predictor is not None and hasattr(predictor, "describe"):
+        pareto["latency_sources"] = predictor.describe()
+        pareto["targets"] = [t.describe() for t in predictor.targets]
+    _write_json(output / "pareto.json", pareto)
+    _write_json(
+        output / "history.json",
+        {"supernet_loss": losses, "trials": records, "strategy": sp.strategy},
+    )
+    best = min(records, key=lambda r: r["objectives"]["val_error"])
+    print(
+        f"  Pareto front: {len(pareto['front'])} subnets; {len(candidates)} candidates", flush=True
+    )
+    return StageResult(
+        metrics={
+            "supernet_seconds": supernet_seconds,
+            "search_seconds": search_seconds,
+            "trials": len(records),
+            "unique_subnets": len(evaluator.cache),
+            "front_size": len(pareto["front"]),
+            "candidates": len(candidates),
+            "best_val_accuracy": 1.0 - best["objectives"]["val_error"],
+        },
+        tags={"strategy": sp.strategy, "space": "macro", "best_arch_str": best["arch_str"]},
+        model_dir=output,
+        artifacts=[output / "pareto.json", output / "history.json"],
+    )
