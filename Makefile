@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.nasforge-installed
 PARAMS ?= params.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast test-container lint format compile images images-gpu bench-search clean
+.PHONY: install run test test-fast test-container lint format compile images images-gpu bench-search bench-serve bench-darts clean
 
 # torch first, pinned to the CPU build (a looser pin pulls the CUDA wheels), then the project.
 $(STAMP): pyproject.toml
@@ -57,6 +57,16 @@ images-gpu: install
 ## Search strategies on NAS-Bench-201 (issue 3 benchmark).
 bench-search: install
 	$(BIN)/python benchmarks/bench_search_nb201.py
+
+## Serving: batch 1 vs dynamic batching vs variant switching vs early exit (issue 6).
+## Trains the served models on digits (untimed), then times under the shared benchmark lock.
+bench-serve: install
+	$(BIN)/python benchmarks/bench_serve.py --phase prepare --models-dir /tmp/nasforge-bench-serve
+	flock /tmp/nasforge-bench.lock nice -n 5 $(BIN)/python benchmarks/bench_serve.py --phase run --models-dir /tmp/nasforge-bench-serve
+
+## DARTS on the NAS-Bench-201 cell with and without the anti-collapse measures (issue 3).
+bench-darts: install
+	$(BIN)/python benchmarks/bench_darts.py --seeds 3
 
 clean:
 	rm -rf runs artifacts mlflow.db mlartifacts .dvcstore

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -67,6 +68,16 @@ def _request(url: str, body: bytes | None = None, timeout: float = 20) -> tuple[
         return status, json.loads(raw)
     except json.JSONDecodeError:
         return status, {"raw": raw.decode(errors="replace")}
+
+
+def settled_metrics(url: str, done, timeout_s: float = 10) -> dict:
+    """``/metrics`` once ``done(metrics)`` holds: the worker publishes at most every 0.1 s."""
+    end = time.monotonic() + timeout_s
+    while True:
+        _, m = _request(url + "/metrics")
+        if done(m) or time.monotonic() > end:
+            return m
+        time.sleep(0.05)
 
 
 class Server(ServerProcess):
@@ -156,11 +167,13 @@ def test_concurrent_requests_are_batched_and_counted(server):
 
     x = np.zeros((1, *SHAPE)).tolist()
     body = json.dumps({"inputs": x}).encode()
+    time.sleep(0.5)  # let the worker publish the previous tests' requests
     _, before = _request(server.url + "/metrics")
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda _: _request(server.url + "/predict", body), range(48)))
     assert all(s == 200 for s, _ in results)
-    _, m = _request(server.url + "/metrics")
+    want = before.get("requests", 0) + 48
+    m = settled_metrics(server.url, lambda m: m.get("requests", 0) >= want)
     assert m["requests"] - before.get("requests", 0) == 48
     sizes = {int(k): v for k, v in m["batch_sizes"].items()}
     assert max(sizes) <= 4  # max_batch_size requests of one sample each
@@ -188,7 +201,7 @@ def test_switching_moves_to_faster_variant_when_slo_is_missed(models):
         body = json.dumps({"inputs": np.zeros((1, *SHAPE)).tolist()}).encode()
         variants = [_request(srv.url + "/predict", body)[1]["variant"] for _ in range(5)]
         assert variants == ["small"] * 5
-        _, m = _request(srv.url + "/metrics")
+        m = settled_metrics(srv.url, lambda m: m.get("requests", 0) >= 5)
         assert m["switch_count"] == 1
         assert m["switches"][0]["from"] == "big" and m["switches"][0]["to"] == "small"
         assert m["active_variant"] == "small"

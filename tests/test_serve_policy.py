@@ -73,3 +73,30 @@ def test_memory_budget_limits_the_ladder():
     for _ in range(5):
         p.choose(1.0, 0.0)
     assert p.current == 1  # "slow" never chosen: over the budget
+
+
+def test_step_up_waits_until_the_larger_variant_can_keep_up():
+    p = SwitchPolicy(V, slo_ms=10, cooldown_batches=1, down_cooldown_batches=1)
+    p.choose(20.0, 0.0)
+    assert p.current == 1
+    # "slow" took 9 ms per sample at batch 1; observed serving it at 4 ms per sample.
+    p.observe(2, samples=8, seconds=0.032)
+    assert 4e-3 < p.sec_per_sample[2] < 9e-3
+    # Latency is low, but 300 samples/s would keep "slow" busy more than 70% of the time.
+    for _ in range(20):
+        p.choose(1.0, 0.0, rate_per_s=300.0)
+    assert p.current == 1
+    # Load drops to 50 samples/s: now it can step up.
+    p.choose(1.0, 0.0, rate_per_s=50.0)
+    assert p.current == 2
+    with pytest.raises(ConfigError, match="max_utilization"):
+        SwitchPolicy(V, slo_ms=10, max_utilization=0)
+
+
+def test_expected_batch_time_triggers_step_down_before_the_slo_breaks():
+    p = SwitchPolicy(V, slo_ms=10, cooldown_batches=5, down_cooldown_batches=1)
+    # Queue 1 ms, p99 fine, but 4 samples at 9 ms each on "slow" would finish after 37 ms.
+    assert p.choose(1.0, 1.0, batch_samples=4) == 1
+    assert "expected run" in p.switches[0].reason
+    # On "mid" (3 ms per sample) one sample fits: 1 + 3 = 4 ms < 9 ms, no further step.
+    assert p.choose(1.0, 1.0, batch_samples=1) == 1

@@ -5,13 +5,19 @@ policy starts on the most accurate variant that fits the memory budget and, befo
 looks at what the server has observed lately:
 
 * **step down** (to the next faster variant) when the recent p99 latency or queue delay
-  exceeds ``high_water`` × the SLO — the server is falling behind;
+  exceeds ``high_water`` × the SLO — the server is falling behind; given the batch size, also
+  when the queue delay plus the batch's expected run time on the current variant would exceed
+  it (so the step happens before the batch that would break the objective runs);
 * **step up** (to the next more accurate variant) only when p99 is under ``low_water`` × the
   SLO *and* the queue is nearly empty, for ``cooldown_batches`` batches in a row since the last
   switch — load really dropped.
 
 The gap between the two water marks plus the cool-down is the hysteresis: a load level near the
-boundary keeps the current variant instead of flapping. Every switch is recorded (from, to,
+boundary keeps the current variant instead of flapping. When the server also reports the recent
+arrival rate, a step up additionally needs the more accurate variant to keep up with it: rate ×
+that variant's observed seconds per sample (from :meth:`SwitchPolicy.observe`; its batch-1
+latency until it has served) must stay under ``max_utilization``. Without this, a load above the
+larger variant's capacity makes the policy climb back every cool-down, overload, and fall again. Every switch is recorded (from, to,
 reason) so the server can log it and count it in its metrics.
 """
 
@@ -63,6 +69,8 @@ class SwitchPolicy:
         down_cooldown_batches: Batches to wait after a switch before stepping down again, so
             latencies of the previous variant still in the window do not cascade the policy
             straight to the fastest variant.
+        max_utilization: Step up only if the recent arrival rate would keep the more accurate
+            variant busy less than this share of the time (used when a rate is passed).
 
     Raises:
         ConfigError: Bad thresholds, unordered variants, or no variant fits the memory budget.
@@ -77,6 +85,7 @@ class SwitchPolicy:
         low_water: float = 0.5,
         cooldown_batches: int = 20,
         down_cooldown_batches: int = 3,
+        max_utilization: float = 0.7,
     ) -> None:
         if not variants:
             raise ConfigError("variant switching needs at least one variant")
@@ -88,6 +97,8 @@ class SwitchPolicy:
             )
         if cooldown_batches < 1 or down_cooldown_batches < 1:
             raise ConfigError("cooldown_batches and down_cooldown_batches must be >= 1")
+        if not 0 < max_utilization <= 1:
+            raise ConfigError(f"max_utilization must be in (0, 1], got {max_utilization}")
         lat = [v.latency_ms for v in variants]
         if lat != sorted(lat):
             raise ConfigError("variants must be ordered by latency, fastest first")
@@ -97,6 +108,9 @@ class SwitchPolicy:
         self.low_water = low_water
         self.cooldown_batches = cooldown_batches
         self.down_cooldown_batches = down_cooldown_batches
+        self.max_utilization = max_utilization
+        # Seconds per sample of each variant: batch-1 latency until observed serving (EMA).
+        self.sec_per_sample = [v.latency_ms / 1000 for v in self.variants]
         self.allowed = [
             i
             for i, v in enumerate(self.variants)
@@ -113,12 +127,27 @@ class SwitchPolicy:
         self._batches = 0
         self._since_switch = cooldown_batches
 
-    def choose(self, p99_ms: float | None, queue_delay_ms: float) -> int:
+    def observe(self, index: int, samples: int, seconds: float, smoothing: float = 0.2) -> None:
+        """Record that variant ``index`` ran a batch of ``samples`` in ``seconds``."""
+        if samples > 0 and seconds > 0:
+            old = self.sec_per_sample[index]
+            self.sec_per_sample[index] = (1 - smoothing) * old + smoothing * seconds / samples
+
+    def choose(
+        self,
+        p99_ms: float | None,
+        queue_delay_ms: float,
+        rate_per_s: float | None = None,
+        batch_samples: int | None = None,
+    ) -> int:
         """Return the variant index for the next batch and record a switch if it changes.
 
         Args:
             p99_ms: p99 latency over the recent window, ``None`` before any request finished.
             queue_delay_ms: Queue delay of the batch about to run (oldest request in it).
+            rate_per_s: Recent arrival rate in samples per second, if known (gates step-ups).
+            batch_samples: Samples in the batch about to run, if known: the expected latency
+                of its oldest request (queue delay + run time) can trigger a step down.
 
         Returns:
             Index into ``variants``.
@@ -128,7 +157,10 @@ class SwitchPolicy:
         pos = self.allowed.index(self.current)
         hi = self.high_water * self.slo_ms
         lo = self.low_water * self.slo_ms
-        overloaded = (queue_delay_ms > hi or (p99_ms is not None and p99_ms > hi)) and (
+        expected_ms = queue_delay_ms
+        if batch_samples:
+            expected_ms += 1000 * self.sec_per_sample[self.current] * batch_samples
+        overloaded = (expected_ms > hi or (p99_ms is not None and p99_ms > hi)) and (
             self._since_switch >= self.down_cooldown_batches
         )
         # The queue must be nearly empty too: a low p99 of the faster variant alone would
@@ -139,10 +171,14 @@ class SwitchPolicy:
             and queue_delay_ms < lo / 2
             and self._since_switch >= self.cooldown_batches
         )
+        if relaxed and rate_per_s is not None and pos < len(self.allowed) - 1:
+            nxt = self.allowed[pos + 1]
+            relaxed = rate_per_s * self.sec_per_sample[nxt] < self.max_utilization
         if overloaded and pos > 0:
             reason = (
                 f"p99 {p99_ms if p99_ms is not None else float('nan'):.2f} ms / queue "
-                f"{queue_delay_ms:.2f} ms above {hi:.2f} ms"
+                f"{queue_delay_ms:.2f} ms (+ expected run {expected_ms - queue_delay_ms:.2f} ms) "
+                f"above {hi:.2f} ms"
             )
             self._switch(self.allowed[pos - 1], reason)
         elif relaxed and pos < len(self.allowed) - 1:

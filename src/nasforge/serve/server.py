@@ -21,7 +21,8 @@ import numpy as np
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from nasforge.errors import ConfigError
+from nasforge.errors import ConfigError, TargetError
+from nasforge.serve.early_exit import EarlyExitRunner
 from nasforge.serve.metrics import ServeMetrics
 from nasforge.serve.policy import SwitchPolicy, VariantInfo
 from nasforge.serve.variants import VariantSpec, variants_from_dir, variants_from_registry
@@ -194,7 +195,8 @@ class VariantAPI(ls.LitAPI):
         self.window_s = window_s
 
     def setup(self, device: str) -> None:
-        """Build one session per batch bucket for every variant within the memory budget."""
+        """Build one session per batch bucket for every variant within the memory budget
+        (an early-exit variant: one dynamic-batch session per stage)."""
         from nasforge.bench.harness import open_session
 
         infos = [
@@ -204,14 +206,18 @@ class VariantAPI(ls.LitAPI):
         self.policy = SwitchPolicy(infos, self.slo_ms, self.memory_budget_bytes)
         self.buckets = _buckets(self.session_batch)
         self.sessions: dict[int, dict[int, Any]] = {}
+        self.runners: dict[int, EarlyExitRunner] = {}
         for i in self.policy.allowed:
+            v = self.variants[i]
+            if v.kind == "early_exit":
+                self.runners[i] = _early_exit_runner(v, self.target, self.threads)
+                continue
             self.sessions[i] = {
-                b: open_session(
-                    self.variants[i].path, self.target, b, self.input_shape, self.threads
-                )
+                b: open_session(v.path, self.target, b, self.input_shape, self.threads)
                 for b in self.buckets
             }
-        self.dtype = self.sessions[self.policy.current][1].input_dtype
+        first = next(iter(self.sessions.values()), None)
+        self.dtype = first[1].input_dtype if first is not None else np.float32
         self.metrics = ServeMetrics(
             self.metrics_path, self.window_s, [v.name for v in self.variants]
         )
@@ -232,17 +238,25 @@ class VariantAPI(ls.LitAPI):
         """Keep the per-request list: requests may carry several samples each."""
         return inputs
 
-    def _run(self, variant: int, x: np.ndarray) -> np.ndarray:
+    def _run(self, variant: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits of ``x`` on a variant, and the exit of each row for an early-exit variant."""
+        if variant in self.runners:  # dynamic batch: no padding, later stages see fewer rows
+            res = self.runners[variant].run(x)
+            return res.logits, res.exits
         outs = []
         for start in range(0, len(x), self.session_batch):
             chunk = x[start : start + self.session_batch]
             n = len(chunk)
             b = next(s for s in self.buckets if s >= n)
-            if b > n:  # sessions have static shapes: pad to the bucket, drop the padding
+            sess = self.sessions[variant][b]
+            if sess.runtime == "onnxruntime":  # takes any batch: padding would only cost time
+                outs.append(np.asarray(sess.run(chunk)))
+                continue
+            if b > n:  # OpenVINO sessions have static shapes: pad to the bucket, drop the padding
                 pad = np.zeros((b - n, *chunk.shape[1:]), dtype=chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
             outs.append(np.asarray(self.sessions[variant][b].run(chunk))[:n])
-        return np.concatenate(outs)
+        return np.concatenate(outs), None
 
     def predict(
         self, x: list[tuple[np.ndarray, float]] | tuple[np.ndarray, float], **kwargs: Any
@@ -257,7 +271,12 @@ class VariantAPI(ls.LitAPI):
         queue_ms = max(0.0, (now - min(a for _, a in x)) * 1000)
         current = self.policy.current
         if self.switching:
-            chosen = self.policy.choose(self.metrics.recent_p99_ms(), queue_ms)
+            chosen = self.policy.choose(
+                self.metrics.recent_p99_ms(),
+                queue_ms,
+                self.metrics.recent_rate(),
+                sum(len(s) for s, _ in x),
+            )
             if chosen != current:
                 sw = self.policy.switches[-1]
                 a, b = self.variants[current].name, self.variants[chosen].name
@@ -265,23 +284,29 @@ class VariantAPI(ls.LitAPI):
                 self.metrics.record_switch(a, b, sw.reason)
             current = chosen
         xs = np.concatenate([s for s, _ in x])
-        logits = self._run(current, xs)
+        start = time.time()
+        logits, exits = self._run(current, xs)
         done = time.time()
+        self.policy.observe(current, len(xs), done - start)
         name = self.variants[current].name
         self.metrics.record_batch(len(x), len(xs), queue_ms, name)
+        if exits is not None:
+            self.metrics.record_exits(name, exits.tolist())
         self.metrics.record_latencies([(done - a) * 1000 for _, a in x])
-        self.metrics.write()
+        self.metrics.write_soon()
         out, start = [], 0
         for s, _ in x:
             part = logits[start : start + len(s)]
+            resp: dict[str, Any] = {
+                "outputs": part.tolist(),
+                "classes": np.argmax(part, axis=1).tolist(),
+                "variant": name,
+            }
+            if exits is not None:  # which exit answered each sample (num_exits - 1 = final)
+                resp["exits"] = exits[start : start + len(s)].tolist()
+                resp["num_exits"] = self.runners[current].num_exits
             start += len(s)
-            out.append(
-                {
-                    "outputs": part.tolist(),
-                    "classes": np.argmax(part, axis=1).tolist(),
-                    "variant": name,
-                }
-            )
+            out.append(resp)
         return out[0] if single else out
 
     def unbatch(self, output: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -293,6 +318,28 @@ class VariantAPI(ls.LitAPI):
         return output
 
 
+def _early_exit_runner(v: VariantSpec, target: str, threads: int | None) -> EarlyExitRunner:
+    """The staged runner of an early-exit variant on the target's runtime (CPU, FP32)."""
+    from nasforge.hardware.targets import get_target
+
+    t = get_target(target)
+    if getattr(t, "device", "cpu") != "cpu" or t.precision != "fp32":
+        raise TargetError(f"early-exit variant {v.name} runs on FP32 CPU targets, not {target}")
+    return EarlyExitRunner(v.path, t.runtime, threads)
+
+
+def _time_early_exit(runner: EarlyExitRunner, repeats: int = 20) -> float:
+    """Median batch-1 latency with every stage run: the worst case, used for ordering."""
+    x = np.random.default_rng(0).standard_normal((1, *runner.input_shape)).astype(np.float32)
+    times = []
+    for i in range(repeats + 3):
+        t0 = time.perf_counter()
+        runner.run_full(x)
+        if i >= 3:
+            times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))
+
+
 def _prepare(
     variants: list[VariantSpec], target: str, threads: int | None
 ) -> tuple[list[VariantSpec], list[float], tuple[int, ...]]:
@@ -302,12 +349,18 @@ def _prepare(
 
     lat, shape = [], None
     for v in variants:
-        sess = open_session(v.path, target, 1, None, threads)
-        s = tuple(sess.input_shape[1:])
+        if v.kind == "early_exit":
+            runner = _early_exit_runner(v, target, threads)
+            s = tuple(runner.input_shape)
+            ms = _time_early_exit(runner)
+        else:
+            sess = open_session(v.path, target, 1, None, threads)
+            s = tuple(sess.input_shape[1:])
+            ms = float(np.median(time_session(sess, warmup=3, repeats=20)))
         if shape is not None and s != shape:
             raise ConfigError(f"variant {v.name} takes input {list(s)}, others {list(shape)}")
         shape = s
-        lat.append(float(np.median(time_session(sess, warmup=3, repeats=20))))
+        lat.append(ms)
     order = sorted(range(len(variants)), key=lambda i: lat[i])
     assert shape is not None
     return [variants[i] for i in order], [lat[i] for i in order], shape
@@ -435,6 +488,7 @@ def serve(
             "variants": [
                 {
                     "name": s.name,
+                    "kind": s.kind,
                     "latency_b1_ms": ms,
                     "accuracy": s.accuracy,
                     "size_bytes": s.size_bytes,

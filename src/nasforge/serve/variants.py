@@ -5,7 +5,9 @@ about it (accuracy, size). Folders accepted (searched recursively, so a parent o
 folders gives one variant per candidate):
 
 * a benchmark output ``<candidate>/benchmark.json`` + ``<candidate>/model/<precision>/``;
-* an export folder with ``export.json`` (``fp32.onnx``, ``int8.onnx``, ``openvino/*.xml``).
+* an export folder with ``export.json`` (``fp32.onnx``, ``int8.onnx``, ``openvino/*.xml``);
+* an early-exit folder with ``early_exit.json`` (staged ONNX graphs + ``thresholds.json``, see
+  :mod:`nasforge.space.early_exit`): one variant of kind ``"early_exit"`` (FP32 targets only).
 
 From the registry, every version of ``nasforge-<target>`` is a variant; the one behind alias
 ``champion-<target>`` is marked as champion.
@@ -20,6 +22,7 @@ from typing import Any
 
 from nasforge.errors import ModelFileError, TargetError, TrackingError
 from nasforge.hardware.targets import get_target
+from nasforge.space.early_exit import MANIFEST as EARLY_EXIT_MANIFEST
 
 _EXPORT_FILES = {
     ("onnxruntime", "fp32"): "fp32.onnx",
@@ -35,10 +38,12 @@ class VariantSpec:
 
     Attributes:
         name: Unique display name (candidate or registry version).
-        path: Model file (``.onnx`` or OpenVINO ``.xml``).
+        path: Model file (``.onnx`` or OpenVINO ``.xml``), or the ``early_exit.json`` of a
+            staged early-exit folder.
         accuracy: Test accuracy of the exported model if recorded, else ``None``.
         size_bytes: Bytes of the model files (memory estimate for the budget).
         champion: True for the registry champion.
+        kind: ``"model"`` (one graph) or ``"early_exit"`` (staged graphs, exits early).
     """
 
     name: str
@@ -46,6 +51,7 @@ class VariantSpec:
     accuracy: float | None
     size_bytes: int
     champion: bool = False
+    kind: str = "model"
 
 
 def _runtime_precision(target: str) -> tuple[str, str]:
@@ -61,9 +67,13 @@ def _model_size(path: Path) -> int:
 
 
 def _pick_file(folder: Path, runtime: str) -> Path | None:
-    suffix = ".xml" if runtime == "openvino" else ".onnx"
-    found = sorted(folder.glob(f"*{suffix}"))
-    return found[0] if found else None
+    # OpenVINO prefers its IR but reads ONNX directly too.
+    suffixes = (".xml", ".onnx") if runtime == "openvino" else (".onnx",)
+    for suffix in suffixes:
+        found = sorted(folder.glob(f"*{suffix}"))
+        if found:
+            return found[0]
+    return None
 
 
 def variants_from_dir(root: Path | str, target: str) -> list[VariantSpec]:
@@ -102,14 +112,32 @@ def variants_from_dir(root: Path | str, target: str) -> list[VariantSpec]:
         except json.JSONDecodeError as e:
             raise ModelFileError(f"{ej} is not valid JSON: {e}") from e
         out.append(VariantSpec(name, path, None, _model_size(path)))
+    if precision == "fp32":  # staged early-exit graphs are FP32
+        out.extend(_early_exit_variants(root))
     if not out:
         raise ModelFileError(
-            f"no {precision} {runtime} model below {root} (expected benchmark or export folders)"
+            f"no {precision} {runtime} model below {root} "
+            "(expected benchmark, export or early-exit folders)"
         )
     names = [v.name for v in out]
     for i, v in enumerate(out):
         if names.count(v.name) > 1:  # same candidate measured twice: keep names unique
             v.name = f"{v.name}#{i}"
+    return out
+
+
+def _early_exit_variants(root: Path) -> list[VariantSpec]:
+    from nasforge.serve.early_exit import load_manifest
+
+    out = []
+    for mj in sorted(root.rglob(EARLY_EXIT_MANIFEST)):
+        man, _ = load_manifest(mj.parent)  # clean error on a broken folder, before serving
+        size = sum((mj.parent / s).stat().st_size for s in man["stages"])
+        acc = man.get("test_accuracy")
+        name = str(man.get("candidate", mj.parent.name))
+        out.append(
+            VariantSpec(name, mj, float(acc) if acc is not None else None, size, kind="early_exit")
+        )
     return out
 
 
