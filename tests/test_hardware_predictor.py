@@ -221,3 +221,151 @@ def test_energy_per_inference_labels():
     if (shared_data_dir() / "nb201" / "nb201_dev.csv").is_file():
         m = energy_per_inference("table:pi5_onnx_latency_ms", 10.0, arch_str=ARCH)
         assert m["source"] == "measured" and m["method"] == "table:pi5_onnx_energy_mj"
+
+
+# ------------------------------------------------------------------------------ macro space
+
+# A sub-space keeps the macro table to a dozen blocks (the full space has 373).
+SMALL_MACRO = dict(depths=(1, 2), widths=(0.5,), kernels=(3,), expands=(3,))
+
+
+@pytest.fixture(scope="module")
+def macro_space():
+    from nasforge.hardware.spaces import MacroBlockSpace
+
+    return MacroBlockSpace(in_channels=1, num_classes=4, resolution=(8, 8), **SMALL_MACRO)
+
+
+def test_full_macro_space_blocks_cover_random_networks(tmp_path: Path):
+    import random
+
+    import torch
+
+    from nasforge.hardware.spaces import MacroBlockSpace
+
+    space = get_space("macro", shape=CellNetworkShape(3, 10, 16, 1), resolution=(32, 32))
+    assert isinstance(space, MacroBlockSpace) and space.input_shape() == (3, 32, 32)
+    blocks = {b.key: b for b in space.blocks()}
+    assert len(blocks) == 373  # stem + 45 + 3 * 108 inverted residuals + 3 heads
+    for seed in range(30):
+        spec = space.sample(random.Random(seed))
+        counts = space.block_counts(spec)
+        assert set(counts) <= set(blocks)
+        irs = sum(n for k, n in counts.items() if k.startswith(("ir:", "ir-res:")))
+        assert irs == sum(spec.depths) and sum(counts.values()) == irs + 2  # + stem, head
+    # Every block builds, takes its declared input, and chainable blocks keep their shape.
+    for key in list(blocks)[::17]:
+        blk = blocks[key]
+        y = blk.module().eval()(torch.randn(2, *blk.input_shape))
+        assert (tuple(y.shape[1:]) == blk.input_shape) == blk.chainable or key.startswith("head")
+    # The blocks of one network, chained, are the network's layers: same op counts.
+    spec = space.sample(random.Random(7))
+    path = export_for_timing(space.build(spec), space.input_shape(), tmp_path / "m.onnx")
+    ops = _op_counts(path)
+    assert ops["Conv"] == 1 + 3 * sum(spec.depths) + 1
+    assert ops["Gemm"] + ops["MatMul"] == 1
+
+
+def test_macro_space_restriction_and_errors(macro_space):
+    from nasforge.errors import ConfigError
+    from nasforge.hardware.spaces import MacroBlockSpace
+    from nasforge.space.macro import MacroSpec
+
+    keys = [b.key for b in macro_space.blocks()]
+    assert len(keys) == len(set(keys)) == 1 + 8 + 1  # stem, 4 stage-first + 4 residual, head
+    assert macro_space.config()["kernels"] == [3]
+    with pytest.raises(ConfigError, match="kernels"):
+        MacroBlockSpace(kernels=(4,))
+    with pytest.raises(ConfigError, match="MacroSpec"):
+        macro_space.block_counts(CellSpec.from_arch_str(ARCH))
+    with pytest.raises(ConfigError, match="CellSpec"):
+        CellBlockSpace(SHAPE, (6, 6)).block_counts(MacroSpec.smallest())
+
+
+def test_macro_table_roundtrip_and_prediction(macro_space, tmp_path: Path):
+    import random
+
+    table = build_latency_table("onnxruntime-cpu", macro_space, batch_sizes=(1,), threads=1, **FAST)
+    assert table.space == "macro" and set(table.blocks[1]) == {b.key for b in macro_space.blocks()}
+    path = table.save(tmp_path / "macro.json")
+    loaded = LatencyTable.load(path)
+    assert loaded.to_dict() == json.loads(path.read_text())
+    spec = macro_space.sample(random.Random(3))
+    counts = macro_space.block_counts(spec)
+    assert loaded.predict_counts(counts, 1) == pytest.approx(table.predict_counts(counts, 1))
+    assert loaded.predict_counts(counts, 1) > 0
+    cal = loaded.calibration[1]
+    assert cal.n_networks == 3 and cal.features and len(cal.coefs) == len(cal.features)
+    assert all(c >= 0 for c in cal.coefs)
+
+
+def test_predictor_uses_calibration_regression(ort_table: LatencyTable, space: CellBlockSpace):
+    from nasforge.hardware.latency_table import Calibration
+
+    counts = space.block_counts(CellSpec.from_arch_str(ARCH))
+    block_sum = ort_table.block_sum_ms(counts, 1)
+    n_blocks = sum(counts.values())
+    d = ort_table.to_dict()
+    d["calibration"]["1"] = vars(
+        Calibration(features=["block_sum", "n_blocks", "const"], coefs=[2.0, 0.5, 3.0])
+    )
+    table = LatencyTable.from_dict(d)
+    assert table.predict_counts(counts, 1) == pytest.approx(2.0 * block_sum + 0.5 * n_blocks + 3)
+    # Old tables without features: scale * block sum + overhead.
+    d["calibration"]["1"] = {"scale": 1.5, "overhead_ms": 0.25, "n_networks": 0}
+    table = LatencyTable.from_dict(d)
+    assert table.predict_counts(counts, 1) == pytest.approx(1.5 * block_sum + 0.25)
+
+
+def test_fit_calibration_recovers_overhead_and_picks_features():
+    from nasforge.hardware.latency_table import fit_calibration
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(1, 10, 20)
+    k = rng.integers(3, 30, 20)
+    # Network i: one block "n<i>" of latency x[i] and k[i] free blocks: block sum x, k+1 blocks.
+    latencies = {**{f"n{i}": float(v) for i, v in enumerate(x)}, "free": 0.0}
+    counts = [{f"n{i}": 1, "free": int(k[i])} for i in range(20)]
+    n = k + 1.0
+    # Pure scale + overhead: the simple regression is kept, and recovered.
+    cal = fit_calibration(counts, latencies, 1.3 * x + 0.4)
+    assert cal.features == ["block_sum", "const"]
+    assert cal.scale == pytest.approx(1.3, rel=1e-6) and cal.overhead_ms == pytest.approx(0.4)
+    assert cal.loo_within_10pct == 1.0 and cal.n_networks == 20
+    # A per-block cost the block sum does not explain: #blocks enters the regression.
+    cal = fit_calibration(counts, latencies, 1.1 * x + 0.2 * n + 0.1)
+    assert cal.features == ["block_sum", "n_blocks", "const"]
+    assert cal.coefs == pytest.approx([1.1, 0.2, 0.1], rel=1e-5, abs=1e-6)
+    # Blocks of two kinds at different scales: the grouped regression wins when offered.
+    half = {f"n{i}" for i in range(0, 20, 2)}
+    y = np.array([(2.0 if f"n{i}" in half else 1.0) * x[i] + 0.3 for i in range(20)])
+    lat2 = {**{(f"a{i}" if f"n{i}" in half else f"b{i}"): float(x[i]) for i in range(20)}}
+    counts2 = [{(f"a{i}" if f"n{i}" in half else f"b{i}"): 1} for i in range(20)]
+    sets = [("block_sum", "const"), ("sum[a]", "sum[b]", "const")]
+    cal = fit_calibration(counts2, lat2, y, sets)
+    assert cal.features == ["sum[a]", "sum[b]", "const"]
+    assert cal.coefs == pytest.approx([2.0, 1.0, 0.3], rel=1e-5)
+    # A burst of load on one calibration network: dropped as an outlier.
+    y = 1.3 * x + 0.4
+    y[3] *= 3
+    cal = fit_calibration(counts, latencies, y)
+    assert cal.n_outliers == 1 and cal.scale == pytest.approx(1.3, rel=1e-6)
+
+
+def test_time_interleaved_budget_quantile_and_samples(space: CellBlockSpace, tmp_path: Path):
+    from nasforge.bench.harness import open_session
+    from nasforge.hardware.latency_table import time_interleaved
+
+    path = export_for_timing(
+        space.build(CellSpec.from_arch_str(ARCH)), space.input_shape(), tmp_path / "t.onnx"
+    )
+    sessions = {"a": open_session(path, "onnxruntime-cpu", 1, space.input_shape(), 1)}
+    runs: dict[str, list[float]] = {}
+    best = time_interleaved(sessions, 1, 5, 2, samples=runs)
+    assert len(runs["a"]) == 10 and min(runs["a"]) <= best["a"] <= max(runs["a"])
+    # A tiny time budget per round: only min_repeats runs per round.
+    runs = {}
+    low = time_interleaved(
+        sessions, 1, 5, 3, budget_ms=1e-6, min_repeats=2, quantile=0.0, samples=runs
+    )
+    assert len(runs["a"]) == 6 and low["a"] == pytest.approx(min(runs["a"]))

@@ -152,7 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="build a latency lookup table of a search space on a target")
     p.add_argument("--target", required=True)
-    p.add_argument("--space", default="cell")
+    p.add_argument(
+        "--space",
+        default="cell",
+        choices=["cell", "macro"],
+        help="search space (macro reads only --input-shape/--num-classes)",
+    )
     p.add_argument("--input-shape", default="3,32,32", help="C,H,W of the network input")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--channels", type=int, default=16)

@@ -8,13 +8,14 @@ one block. Blocks whose output shape equals their input are timed as chains of 1
 and the difference is used, cancelling per-call overhead and graph-boundary layout conversions;
 other blocks (stem, reductions, head) are timed alone minus a near-empty baseline model.
 
-Summing blocks misses what the runtime does across block boundaries (fusions, memory reuse),
-so the table is then *calibrated* on random full networks measured end to end:
-``predicted = scale * sum(blocks) + overhead_ms``, fitted per batch size by a line fit that
-minimises relative error and drops outlier networks. Measured on this project's CPU (see
-``benchmarks/results/latency_predictor.md``), the scale is far from 1 for OpenVINO at larger
-batches (blocks timed alone are slower than inside a compiled network), so a pure additive
-overhead is not enough.
+Summing blocks misses what the runtime does across block boundaries (fusions, memory reuse,
+layout conversions) and per inference, so the table is then *calibrated* on random full networks
+measured end to end in the same interleaved rounds (:func:`fit_calibration`): a non-negative
+least-squares regression per batch size of measured latency on ``[block sum, 1]`` (a scale and
+a per-network overhead), or on ``[block sum, #blocks, 1]`` when that predicts held-out networks
+clearly better (leave-one-out), weighted for relative error, with outlier networks (a burst of
+load while they were timed) dropped. :meth:`LatencyTable.calibrate` refits it from networks
+measured later (the benchmark stage, or a predictor benchmark on a busy machine).
 
 A table is versioned JSON (``schema``), keyed by CPU model, ISA flags, thread count, runtime and
 version, target, space and network configuration; :meth:`LatencyTable.check_machine` refuses a
@@ -23,6 +24,7 @@ table from another machine.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -31,11 +33,12 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.optimize import nnls
 
 from nasforge.bench.harness import Session, open_session, time_session
 from nasforge.bench.sysinfo import physical_cores, system_info
@@ -71,14 +74,120 @@ def table_key(target: Target, space: BlockSpace, threads: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+FEATURE_SETS: tuple[tuple[str, ...], ...] = (
+    ("block_sum", "const"),
+    ("block_sum", "n_blocks", "const"),
+)
+"""Default candidate regressions (a space may add its own, see
+:meth:`nasforge.hardware.spaces.BlockSpace.feature_sets`); :func:`fit_calibration` keeps the one
+with the best leave-one-out error on the calibration networks, so more features enter only when
+they predict unseen networks better."""
+
+
+def network_feature(
+    name: str,
+    counts: Mapping[str, int],
+    latencies: Mapping[str, float],
+    stats: Mapping[str, Mapping[str, float]] | None = None,
+) -> float:
+    """One per-network regression feature from block counts and profiled block latencies.
+
+    Args:
+        name: ``"block_sum"`` (sum of block latencies, ms), ``"n_blocks"`` (number of blocks),
+            ``"const"`` (1), ``"sum[p1,p2,...]"``: the block sum over blocks whose key starts
+            with one of the prefixes (lets the regression weigh kinds of blocks differently,
+            e.g. blocks profiled alone vs. in chains, or ops a runtime fuses into neighbours),
+            or ``"stat[s]"``: the network total of an analytic block statistic ``s`` of
+            :func:`block_stats` (``mmacs_dense``, ``mmacs_depthwise``, ``mact``: millions of
+            multiply-adds and of activation elements per sample).
+        counts: Block counts of the network.
+        latencies: Block latencies (ms) of one batch size.
+        stats: Analytic statistics per block (for ``stat[...]``).
+
+    Raises:
+        ValueError: Unknown feature name.
+    """
+    if name == "block_sum":
+        return float(sum(n * latencies[k] for k, n in counts.items()))
+    if name == "n_blocks":
+        return float(sum(counts.values()))
+    if name == "const":
+        return 1.0
+    if name.startswith("sum[") and name.endswith("]"):
+        prefixes = tuple(p for p in name[4:-1].split(",") if p)
+        return float(sum(n * latencies[k] for k, n in counts.items() if k.startswith(prefixes)))
+    if name.startswith("stat[") and name.endswith("]") and stats:
+        stat = name[5:-1]
+        return float(sum(n * stats[k].get(stat, 0.0) for k, n in counts.items()))
+    raise ValueError(f"unknown calibration feature {name!r} (or no block statistics)")
+
+
+def block_stats(module: Any, input_shape: tuple[int, ...]) -> dict[str, float]:
+    """Analytic cost of a block per sample: the regression's hardware-independent features.
+
+    Returns:
+        ``mmacs_dense`` / ``mmacs_depthwise``: millions of multiply-adds in dense (incl. 1x1)
+        and depthwise convolutions and linear layers; ``mact``: millions of activation elements
+        written by compute layers (convs, linear, pooling, element-wise sums); ``mparams``.
+    """
+    import torch
+    from torch import nn
+
+    totals = {"mmacs_dense": 0.0, "mmacs_depthwise": 0.0, "mact": 0.0}
+
+    def hook(mod: nn.Module, _inp: Any, out: Any) -> None:
+        if not isinstance(out, torch.Tensor):
+            return
+        if isinstance(mod, nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+            kind = "mmacs_depthwise" if mod.groups > 1 else "mmacs_dense"
+            totals[kind] += out.numel() * k / 1e6
+        elif isinstance(mod, nn.Linear):
+            totals["mmacs_dense"] += out.numel() * mod.in_features / 1e6
+        if not isinstance(mod, nn.BatchNorm2d | nn.ReLU | nn.ReLU6):  # fused by runtimes
+            totals["mact"] += out.numel() / 1e6
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            module.eval()(torch.zeros(1, *input_shape))
+    finally:
+        for h in handles:
+            h.remove()
+    totals["mparams"] = sum(p.numel() for p in module.parameters()) / 1e6
+    return totals
+
+
 @dataclasses.dataclass
 class Calibration:
-    """``predicted = scale * block_sum + overhead_ms`` for one batch size."""
+    """How block sums become end-to-end latency for one batch size.
+
+    ``predicted = sum(coef * feature)`` over ``features`` (see :func:`network_feature`); without
+    features (tables of older builds): ``scale * block_sum + overhead_ms``. ``scale`` and
+    ``overhead_ms`` always hold the ``block_sum`` and ``const`` coefficients.
+    """
 
     scale: float = 1.0
     overhead_ms: float = 0.0
     n_networks: int = 0
     fit_median_abs_rel_err: float | None = None
+    features: list[str] = dataclasses.field(default_factory=list)
+    coefs: list[float] = dataclasses.field(default_factory=list)
+    loo_median_abs_rel_err: float | None = None
+    loo_within_10pct: float | None = None
+    n_outliers: int = 0
+
+    def apply(
+        self,
+        counts: Mapping[str, int],
+        latencies: Mapping[str, float],
+        stats: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> float:
+        """Calibrated latency (ms) of a network from its block counts and block latencies."""
+        if not self.features:
+            return self.scale * network_feature("block_sum", counts, latencies) + self.overhead_ms
+        pairs = zip(self.features, self.coefs, strict=True)
+        return float(sum(c * network_feature(f, counts, latencies, stats) for f, c in pairs))
 
 
 @dataclasses.dataclass
@@ -112,6 +221,7 @@ class LatencyTable:
     build_seconds: float = 0.0
     created_utc: str = ""
     folds_constants: bool = False
+    block_stats: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     schema: str = SCHEMA
 
     @property
@@ -139,7 +249,39 @@ class LatencyTable:
         cal = self.calibration.get(batch_size, Calibration())
         # Never below one near-empty inference: a network folded to a constant still costs a call.
         floor = self.baseline_ms.get(batch_size, 0.0)
-        return max(floor, cal.scale * self.block_sum_ms(counts, batch_size) + cal.overhead_ms)
+        self.block_sum_ms(counts, batch_size)  # a clear error for blocks not in the table
+        return max(floor, cal.apply(counts, self.blocks[batch_size], self.block_stats))
+
+    def calibrate(
+        self,
+        space: BlockSpace,
+        specs: list[Any],
+        measured_ms: Iterable[float],
+        batch_size: int,
+    ) -> Calibration:
+        """Refit this table's calibration for one batch size from networks measured end to end.
+
+        Use it when real networks of the space have been timed (through the harness, as
+        profiling does) after the table was built, e.g. by the benchmark stage: the fit then
+        reflects the machine as it is now. Replaces ``calibration[batch_size]``.
+
+        Args:
+            space: The table's block space.
+            specs: Architectures that were measured.
+            measured_ms: Their measured latencies (ms), same order.
+            batch_size: Batch size they were measured at.
+
+        Returns:
+            The new :class:`Calibration`.
+        """
+        counts = [space.block_counts(s, self.folds_constants) for s in specs]
+        for c in counts:
+            self.block_sum_ms(c, batch_size)  # a clear error for blocks not in the table
+        cal = fit_calibration(
+            counts, self._batch(batch_size), measured_ms, space.feature_sets(), self.block_stats
+        )
+        self.calibration[batch_size] = cal
+        return cal
 
     def _batch(self, batch_size: int) -> dict[str, float]:
         if batch_size not in self.blocks:
@@ -178,6 +320,7 @@ class LatencyTable:
             "build_seconds": self.build_seconds,
             "created_utc": self.created_utc,
             "folds_constants": self.folds_constants,
+            "block_stats": self.block_stats,
         }
 
     @classmethod
@@ -203,6 +346,7 @@ class LatencyTable:
                 build_seconds=float(d.get("build_seconds", 0.0)),
                 created_utc=str(d.get("created_utc", "")),
                 folds_constants=bool(d.get("folds_constants", False)),
+                block_stats={k: dict(v) for k, v in d.get("block_stats", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFileError(f"latency table is malformed: {e!r}") from e
@@ -243,56 +387,179 @@ class LatencyTable:
 
 
 def time_interleaved(
-    sessions: Mapping[str, Session], warmup: int, repeats: int, rounds: int, clock: str = "wall"
+    sessions: Mapping[str, Session],
+    warmup: int,
+    repeats: int,
+    rounds: int,
+    clock: str = "wall",
+    budget_ms: float | None = None,
+    min_repeats: int = 3,
+    quantile: float = 0.5,
+    samples: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
     """Robust latency (ms) per session, timing all sessions once per round.
 
-    Each round times every session ``repeats`` times and takes the median; the result is the
-    *smallest* round median. Load from other processes only ever adds time, and it comes in
-    bursts, so the quietest round is the best estimate of the uncontended latency; on a quiet
-    machine it equals the plain median.
+    Each round times every session up to ``repeats`` times and takes the ``quantile`` of those
+    runs (default the median); the result is the *smallest* round value. Load from other
+    processes only ever adds time, and it comes in bursts, so the quietest round is the best
+    estimate of the uncontended latency; on a quiet machine it equals the plain median. On a
+    heavily shared machine a low quantile (down to 0: the fastest run) is more robust still: a
+    run during which another process took one of the runtime's cores is slow, never fast.
 
     Args:
         sessions: Sessions by key.
         warmup: Untimed runs per session before the first round.
-        repeats: Timed runs per session per round.
+        repeats: Timed runs per session per round (at most, with ``budget_ms``).
         rounds: Number of rounds.
         clock: ``"wall"`` or ``"cpu"`` (see :func:`nasforge.bench.harness.time_session`).
+        budget_ms: If given, a session whose last warm-up run took ``t`` ms gets only
+            ``max(min_repeats, budget_ms / t)`` runs per round: slow models (large batches)
+            have little relative noise and would otherwise dominate the profiling time.
+        min_repeats: Fewest runs per round under a budget.
+        quantile: Per-round statistic (0.5: median).
+        samples: If given, filled with every timed run (ms) per key.
 
     Returns:
-        ``{key: min over rounds of the round's median}``.
+        ``{key: min over rounds of the round's quantile}``.
     """
     best: dict[str, float] = {k: float("inf") for k in sessions}
-    for s in sessions.values():
-        time_session(s, warmup=warmup, repeats=1)
+    reps: dict[str, int] = {}
+    for k, s in sessions.items():
+        if warmup > 1:
+            time_session(s, warmup=warmup - 1, repeats=1, clock=clock)
+        t = time_session(s, warmup=0, repeats=1, clock=clock)
+        if budget_ms is None:
+            reps[k] = repeats
+        else:
+            reps[k] = int(min(repeats, max(min_repeats, budget_ms // max(float(t[0]), 1e-3))))
     for _ in range(rounds):
         for k, s in sessions.items():
-            t = time_session(s, warmup=0, repeats=repeats, clock=clock)
-            best[k] = min(best[k], float(np.median(t)))
+            # One untimed run first: the previous session's runtime threads may still be
+            # spinning (ONNX Runtime spins idle workers) and would slow this session's first run.
+            t = time_session(s, warmup=1, repeats=reps[k], clock=clock)
+            best[k] = min(best[k], float(np.quantile(t, quantile)))
+            if samples is not None:
+                samples.setdefault(k, []).extend(t.tolist())
     return best
 
 
-def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Fit ``y = a x + b`` minimising *relative* error (the acceptance metric).
+def _features(
+    names: Iterable[str],
+    counts: Mapping[str, int],
+    latencies: Mapping[str, float],
+    stats: Mapping[str, Mapping[str, float]] | None = None,
+) -> list[float]:
+    return [network_feature(f, counts, latencies, stats) for f in names]
 
-    Weighted least squares with weights ``1/y``, after dropping calibration networks whose
-    measured/summed ratio is an outlier (beyond 3 median absolute deviations: a burst of load
-    during their measurement). Falls back to an additive offset for fewer than 3 points or a
-    non-positive slope.
+
+def _wnnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares minimising *relative* error (rows weighted by ``1/y``)."""
+    w = 1.0 / np.maximum(y, 1e-9)
+    coefs, _ = nnls(a * w[:, None], y * w)
+    return coefs
+
+
+def fit_calibration(
+    counts: list[Mapping[str, int]],
+    latencies: Mapping[str, float],
+    measured_ms: Iterable[float],
+    feature_sets: Iterable[tuple[str, ...]] = FEATURE_SETS,
+    stats: Mapping[str, Mapping[str, float]] | None = None,
+) -> Calibration:
+    """Fit the per-network calibration on networks measured end to end.
+
+    Each candidate feature set is a non-negative least-squares regression of measured latency
+    on per-network features (:data:`FEATURES`) that minimises relative error (the acceptance
+    metric). Non-negative coefficients keep a per-network overhead and a scale on the block sum
+    physical. The feature set with the lowest leave-one-out median relative error wins (a bigger
+    one must beat the simpler by 10%). Networks whose relative residual under the simple fit is
+    an outlier (beyond 3 median absolute deviations and 5%: a burst of load during their
+    measurement) are dropped first.
+
+    Args:
+        counts: Block counts of each calibration network.
+        latencies: Profiled block latencies (ms) of the batch size.
+        measured_ms: Measured end-to-end latency of each network (ms).
+        feature_sets: Candidate regressions.
+        stats: Analytic block statistics (:func:`block_stats`) for ``stat[...]`` features;
+            feature sets using them are skipped without.
+
+    Returns:
+        The :class:`Calibration` (``n_networks`` counts every network given).
     """
-    if len(x) == 0:
-        return 1.0, 0.0
-    ratio = y / np.maximum(x, 1e-9)
-    mad = np.median(np.abs(ratio - np.median(ratio))) or 1e-9
-    keep = np.abs(ratio - np.median(ratio)) <= 3 * 1.4826 * mad
-    x, y = x[keep], y[keep]
-    if len(x) >= 3 and np.ptp(x) > 0:
-        w = 1.0 / y
-        A = np.c_[x, np.ones_like(x)] * w[:, None]
-        (slope, intercept), *_ = np.linalg.lstsq(A, y * w, rcond=None)
-        if slope > 0:
-            return float(slope), float(intercept)
-    return 1.0, float(np.median(y - x))
+    x = np.array([network_feature("block_sum", c, latencies) for c in counts])
+    y = np.asarray(list(measured_ms), dtype=float)
+    n = len(y)
+    if n == 0:
+        return Calibration()
+    # Outliers by the relative residual of the simplest fit (not by measured/summed ratio,
+    # which a real per-network overhead makes larger for small networks).
+    # Iterated: a refit without the worst points re-admits the good ones it had pushed out.
+    a0 = np.c_[x, np.ones_like(x)]
+    keep = np.ones(n, dtype=bool)
+    for _ in range(5):
+        resid = (a0 @ _wnnls(a0[keep], y[keep]) - y) / y
+        center = np.median(resid[keep])
+        mad = float(np.median(np.abs(resid[keep] - center)))
+        new_keep = np.abs(resid - center) <= max(3 * 1.4826 * mad, 0.05)
+        if new_keep.sum() < 3 or (new_keep == keep).all():
+            break
+        keep = new_keep
+    idx = np.flatnonzero(keep)
+    best: tuple[float, int, tuple[str, ...], np.ndarray, np.ndarray] | None = None
+    for order, names in enumerate(feature_sets):
+        if not stats and any(f.startswith("stat[") for f in names):
+            continue
+        a = np.array([_features(names, counts[i], latencies, stats) for i in idx])
+        yk = y[idx]
+        if len(idx) <= len(names) + 1:
+            if order > 0:
+                continue  # too few networks to judge a bigger regression
+            loo = np.abs(a @ _wnnls(a, yk) - yk) / yk
+        else:
+            loo = np.empty(len(idx))
+            for j in range(len(idx)):
+                m = np.arange(len(idx)) != j
+                loo[j] = abs(a[j] @ _wnnls(a[m], yk[m]) - yk[j]) / yk[j]
+        score = float(np.median(loo))
+        # A bigger regression must beat the simpler one clearly, not by noise.
+        if best is None or score < 0.9 * best[0]:
+            best = (score, order, tuple(names), _wnnls(a, yk), loo)
+    assert best is not None
+    score, _, names, coefs, loo = best
+    fit = np.array(
+        [float(np.dot(coefs, _features(names, counts[i], latencies, stats))) for i in range(n)]
+    )
+    get = dict(zip(names, coefs.tolist(), strict=True))
+    return Calibration(
+        scale=float(get.get("block_sum", 0.0)),
+        overhead_ms=float(get.get("const", 0.0)),
+        n_networks=n,
+        fit_median_abs_rel_err=float(np.median(np.abs(fit - y) / y)),
+        features=list(names),
+        coefs=[float(c) for c in coefs],
+        loo_median_abs_rel_err=score,
+        loo_within_10pct=float(np.mean(loo <= 0.10)),
+        n_outliers=int(n - len(idx)),
+    )
+
+
+@contextlib.contextmanager
+def torch_single_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block (exports trace a forward pass).
+
+    On a busy machine torch's multi-threaded CPU kernels spin-wait at barriers: one traced
+    forward of a small block measured 0.4 s with 2 threads and 4 ms with 1 here, which made
+    exporting the blocks of a space the slowest part of building its table.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def build_latency_table(
@@ -310,6 +577,8 @@ def build_latency_table(
     clock: str = "wall",
     workdir: Path | str | None = None,
     progress: Callable[[str], None] | None = None,
+    budget_ms: float | None = 25.0,
+    quantile: float = 0.0,
 ) -> LatencyTable:
     """Profile every block of ``space`` on ``target`` and calibrate on full networks.
 
@@ -329,6 +598,12 @@ def build_latency_table(
         clock: ``"wall"`` (default) or ``"cpu"`` (validation on a shared machine, 1 thread).
         workdir: Where to put the ONNX files (default: a temporary directory).
         progress: Called with one-line progress messages.
+        budget_ms: Per model and round, time at most about this many ms of runs (at least 3;
+            see :func:`time_interleaved`); ``None`` always runs ``repeats``.
+        quantile: Per-round statistic of the runs (see :func:`time_interleaved`). The default,
+            the fastest run, was the most repeatable estimate on this project's shared 2-core
+            machine (split-half difference 7% at batch 1, against 22% for the 10% quantile
+            and 55% for the median, under a load average of 8-10); use 0.5 on a quiet machine.
 
     Returns:
         The :class:`LatencyTable` (not saved; call :meth:`LatencyTable.save`).
@@ -345,7 +620,7 @@ def build_latency_table(
     t_start = time.perf_counter()
     folds = bool(getattr(tgt, "folds_constants", False))
     chain = 3
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp, torch_single_thread():
         tmpdir = Path(tmp)
         blocks = space.blocks()
         # model key -> (file, input shape); chainable blocks get a 1-chain and a `chain`-chain.
@@ -356,6 +631,7 @@ def build_latency_table(
                 export_for_timing(blk.module(rep), blk.input_shape, path, exporter)
                 models[f"{blk.key}#{rep}"] = (path, blk.input_shape)
         say(f"exported {len(models)} block models in {time.perf_counter() - t_start:.1f}s")
+        stats = {blk.key: block_stats(blk.module(), blk.input_shape) for blk in blocks}
 
         rng = random.Random(seed)
         specs = [space.sample(rng) for _ in range(calibration_networks)]
@@ -379,7 +655,9 @@ def build_latency_table(
             # both see the same machine state (load, frequency) and the fit relates like to like.
             for i, p in enumerate(nets):
                 sessions[f"net#{i}"] = open_session(p, tgt, bs, space.input_shape(), threads)
-            med = time_interleaved(sessions, warmup, repeats, rounds, clock)
+            med = time_interleaved(
+                sessions, warmup, repeats, rounds, clock, budget_ms, quantile=quantile
+            )
             del sessions
             baselines[bs] = med["baseline#1"]
             lat: dict[str, float] = {}
@@ -392,22 +670,13 @@ def build_latency_table(
             table_blocks[bs] = lat
             say(f"batch {bs}: profiled {len(blocks)} blocks")
             if nets:
-                x = np.array(
-                    [
-                        sum(n * lat[k] for k, n in space.block_counts(s, folds).items())
-                        for s in specs
-                    ]
+                counts = [space.block_counts(s, folds) for s in specs]
+                y = [med[f"net#{i}"] for i in range(len(specs))]
+                calibs[bs] = cal = fit_calibration(counts, lat, y, space.feature_sets(), stats)
+                say(
+                    f"batch {bs}: calibrated {dict(zip(cal.features, cal.coefs, strict=True))} "
+                    f"(leave-one-out median error {cal.loo_median_abs_rel_err:.3f})"
                 )
-                y = np.array([med[f"net#{i}"] for i in range(len(specs))])
-                scale, overhead = _fit_line(x, y)
-                fit = np.maximum(scale * x + overhead, baselines[bs])
-                calibs[bs] = Calibration(
-                    scale=scale,
-                    overhead_ms=overhead,
-                    n_networks=len(specs),
-                    fit_median_abs_rel_err=float(np.median(np.abs(fit - y) / y)),
-                )
-                say(f"batch {bs}: calibrated scale={scale:.3f} overhead={overhead:.4f} ms")
             else:
                 calibs[bs] = Calibration(overhead_ms=baselines[bs])
     return LatencyTable(
@@ -416,6 +685,7 @@ def build_latency_table(
         config=space.config(),
         machine=machine_key(tgt, threads),
         folds_constants=folds,
+        block_stats=stats,
         blocks=table_blocks,
         baseline_ms=baselines,
         calibration=calibs,
@@ -429,6 +699,8 @@ def build_latency_table(
             "chain": chain,
             "seed": seed,
             "clock": clock,
+            "budget_ms": budget_ms,
+            "quantile": quantile,
         },
         system=system_info(threads),
         build_seconds=time.perf_counter() - t_start,

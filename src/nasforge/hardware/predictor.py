@@ -26,7 +26,12 @@ from nasforge.bench.harness import LatencyResult, measure
 from nasforge.bench.sysinfo import physical_cores
 from nasforge.bench.timing_export import Exporter, export_for_timing
 from nasforge.errors import ModelFileError, TargetError
-from nasforge.hardware.latency_table import LatencyTable, build_latency_table, table_key
+from nasforge.hardware.latency_table import (
+    LatencyTable,
+    build_latency_table,
+    table_key,
+    torch_single_thread,
+)
 from nasforge.hardware.spaces import BlockSpace
 from nasforge.hardware.targets import Target, get_target
 
@@ -153,7 +158,8 @@ def measure_module(
         The harness's :class:`LatencyResult`.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_for_timing(module, input_shape, Path(tmp) / "model.onnx", exporter)
+        with torch_single_thread():
+            path = export_for_timing(module, input_shape, Path(tmp) / "model.onnx", exporter)
         return measure(path, target, batch_size, input_shape, warmup, repeats, threads)
 
 
@@ -173,7 +179,8 @@ def predict_latency_ms(
 
     Args:
         target: Target or name.
-        spec_or_model: A space spec (``CellSpec``) or, for ``measure``, a torch module.
+        spec_or_model: A space spec (``CellSpec``, ``MacroSpec``) or, for ``measure``, a torch
+            module.
         space: The block space the spec belongs to (needed for specs on runtime targets).
         input_shape: Input shape without batch (modules only; specs take it from ``space``).
         batch_size: Samples per inference.

@@ -1,12 +1,16 @@
 """Search spaces seen as sums of blocks, for latency tables.
 
-A :class:`BlockSpace` tells the profiler which blocks exist (each op at each stage's channel count
-and resolution, node sums, reductions, stem, head) and tells the predictor how many of each block
-a given architecture contains. Predicted latency is then a calibrated function of
-``sum(count[b] * latency[b])`` (see :mod:`nasforge.hardware.latency_table`).
+A :class:`BlockSpace` tells the profiler which blocks exist (cell space: each op at each stage's
+channel count and resolution, node sums, reductions, stem, head; macro space: every
+inverted-residual configuration, stem, head) and tells the predictor how many of each block a
+given architecture contains. Predicted latency is then a calibrated regression on block sums
+(``sum(count[b] * latency[b])``, optionally per kind of block: :meth:`BlockSpace.feature_sets`;
+see :mod:`nasforge.hardware.latency_table`).
 
-The cell space (the NAS-Bench-201 network of :mod:`nasforge.space.cell`) is implemented here. A
-new space is one more :class:`BlockSpace` subclass registered in :data:`SPACES`.
+Two spaces are implemented here: the cell space (the NAS-Bench-201 network of
+:mod:`nasforge.space.cell`) and the macro space (the elastic MobileNet of
+:mod:`nasforge.space.macro`). A new space is one more :class:`BlockSpace` subclass registered in
+:data:`SPACES`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,19 @@ from nasforge.space.cell import (
     build_cell_network,
     computed_edges,
     make_op,
+)
+from nasforge.space.macro import (
+    DEPTHS,
+    EXPANDS,
+    HEAD_CHANNELS,
+    KERNELS,
+    STAGE_BASE,
+    STEM_CHANNELS,
+    WIDTHS,
+    InvertedResidual,
+    MacroSpec,
+    build_macro_network,
+    stage_channels,
 )
 from nasforge.space.nb201 import EDGES, N_NODES, OPS, CellSpec, active_edges
 
@@ -129,6 +146,19 @@ class BlockSpace:
     def baseline(self) -> Block:
         """Near-empty model whose latency is subtracted from non-chainable blocks."""
         return Block("baseline", _Baseline, self.input_shape())
+
+    def feature_sets(self) -> list[tuple[str, ...]]:
+        """Candidate calibration regressions for this space (see
+        :func:`nasforge.hardware.latency_table.network_feature`); the fit keeps the one with
+        the best leave-one-out error."""
+        analytic = ("stat[mmacs_dense]", "stat[mmacs_depthwise]", "stat[mact]")
+        return [
+            ("block_sum", "const"),
+            ("block_sum", "n_blocks", "const"),
+            # Multiply-adds and activations: hardware-independent, so immune to profiling noise.
+            (*analytic, "n_blocks", "const"),
+            ("block_sum", *analytic, "const"),
+        ]
 
     def block_counts(self, spec: Any, folds_constants: bool = False) -> Counter[str]:
         """How many times each block occurs in the network of ``spec``.
@@ -281,6 +311,20 @@ class CellBlockSpace(BlockSpace):
             prev = (c, h, w)
         return counts
 
+    def feature_sets(self) -> list[tuple[str, ...]]:  # noqa: D102
+        # Per op kind: runtimes fuse node sums and ReLUs into neighbouring convs, and ops
+        # profiled in chains relate differently to the network than the stem, reductions and
+        # head profiled alone.
+        kinds = (
+            "sum[op:nor_conv_3x3]",
+            "sum[op:nor_conv_1x1]",
+            "sum[op:avg_pool_3x3]",
+            "sum[add:,relu:,zeros:]",
+            "sum[stem:,reduction:,head:]",
+            "const",
+        )
+        return [*super().feature_sets(), kinds]
+
     def sample(self, rng: random.Random) -> CellSpec:  # noqa: D102
         return CellSpec(tuple(rng.choice(OPS) for _ in EDGES))
 
@@ -288,7 +332,232 @@ class CellBlockSpace(BlockSpace):
         return build_cell_network(spec, self.shape).eval()
 
 
-SPACES: dict[str, type[BlockSpace]] = {"cell": CellBlockSpace}
+class _MacroStem(nn.Module):
+    """Conv 3x3 - BN - ReLU6: the macro network's stem."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, STEM_CHANNELS, 3, padding=1, bias=False),
+            nn.BatchNorm2d(STEM_CHANNELS),
+            nn.ReLU6(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.stem(x)
+
+
+class _MacroHead(nn.Module):
+    """Conv 1x1 to the head width - BN - ReLU6, pooling, classifier: the macro network's head."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.head = nn.Sequential(
+            nn.Conv2d(channels, HEAD_CHANNELS, 1, bias=False),
+            nn.BatchNorm2d(HEAD_CHANNELS),
+            nn.ReLU6(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(HEAD_CHANNELS, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.classifier(torch.flatten(self.pool(self.head(x)), 1))
+
+
+@dataclass(frozen=True)
+class _IrConfig:
+    """One inverted-residual configuration at one input resolution."""
+
+    c_in: int
+    c_out: int
+    kernel: int
+    expand: int
+    stride: int
+    h: int
+    w: int
+
+    @property
+    def key(self) -> str:
+        # Residual (shape-keeping) blocks are "ir-res:", the others "ir:".
+        kind = "ir-res" if self.chainable else "ir"
+        return (
+            f"{kind}:{self.c_in}->{self.c_out}:k{self.kernel}:e{self.expand}:s{self.stride}:"
+            f"{self.h}x{self.w}"
+        )
+
+    @property
+    def chainable(self) -> bool:
+        # Residual blocks keep their shape, so the profiler can time chains of copies.
+        return self.stride == 1 and self.c_in == self.c_out
+
+
+class MacroBlockSpace(BlockSpace):
+    """The macro elastic MobileNet space of :mod:`nasforge.space.macro` as blocks.
+
+    Blocks: the stem, every inverted-residual configuration a network can contain (input and
+    output channels, kernel, expansion, stride, input resolution) and the head for each width of
+    the last stage. With the default choices that is 369 blocks (45 in stage 0, 108 per later
+    stage).
+
+    Args:
+        in_channels: Image channels.
+        num_classes: Classifier outputs.
+        resolution: Input height and width.
+        shape: Optional :class:`CellNetworkShape` to take ``in_channels`` and ``num_classes``
+            from (what ``nasforge profile`` passes for every space); other fields are ignored.
+        depths, widths, kernels, expands: Restrict the space to these choices (subsets of
+            :mod:`nasforge.space.macro`'s; default all): a search over a sub-space needs only
+            its blocks profiled.
+
+    Raises:
+        ConfigError: Bad channels/classes, or a restriction outside the space's choices.
+    """
+
+    name = "macro"
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        resolution: tuple[int, int] = (32, 32),
+        shape: CellNetworkShape | None = None,
+        depths: tuple[int, ...] = DEPTHS,
+        widths: tuple[float, ...] = WIDTHS,
+        kernels: tuple[int, ...] = KERNELS,
+        expands: tuple[int, ...] = EXPANDS,
+    ) -> None:
+        if shape is not None:
+            in_channels, num_classes = shape.in_channels, shape.num_classes
+        if in_channels < 1 or num_classes < 1:
+            raise ConfigError(
+                f"macro space needs in_channels >= 1 and num_classes >= 1, "
+                f"got {in_channels}, {num_classes}"
+            )
+        self.in_channels = int(in_channels)
+        self.num_classes = int(num_classes)
+        self.resolution = (int(resolution[0]), int(resolution[1]))
+        self.choices: dict[str, tuple] = {}
+        for name, given, full in (
+            ("depths", depths, DEPTHS),
+            ("widths", widths, WIDTHS),
+            ("kernels", kernels, KERNELS),
+            ("expands", expands, EXPANDS),
+        ):
+            bad = [v for v in given if v not in full]
+            if bad or not given:
+                raise ConfigError(
+                    f"macro space {name} must be a non-empty subset of {list(full)}, got "
+                    f"{list(given)}"
+                )
+            self.choices[name] = tuple(sorted(set(given)))
+
+    def config(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "resolution": list(self.resolution),
+            "stages": [list(s) for s in STAGE_BASE],
+            **{k: list(v) for k, v in self.choices.items()},
+            "stem": STEM_CHANNELS,
+            "head": HEAD_CHANNELS,
+        }
+
+    def input_shape(self) -> tuple[int, ...]:  # noqa: D102
+        return (self.in_channels, *self.resolution)
+
+    def _stem_key(self) -> str:
+        h, w = self.resolution
+        return f"stem:{self.in_channels}->{STEM_CHANNELS}:{h}x{w}"
+
+    def _head_key(self, c: int, h: int, w: int) -> str:
+        return f"head:{c}:{h}x{w}->{HEAD_CHANNELS}->{self.num_classes}"
+
+    def _layout(self, spec: MacroSpec) -> tuple[list[_IrConfig], tuple[int, int, int]]:
+        """The inverted-residual configurations of ``spec`` in order, and the head input."""
+        c, (h, w) = STEM_CHANNELS, self.resolution
+        out = []
+        for i, (base, stride) in enumerate(STAGE_BASE):
+            c_out = stage_channels(base, spec.widths[i])
+            for d in range(spec.depths[i]):
+                s = stride if d == 0 else 1
+                out.append(_IrConfig(c, c_out, spec.kernels[i], spec.expands[i], s, h, w))
+                if s == 2:
+                    h, w = _conv_out(h), _conv_out(w)
+                c = c_out
+        return out, (c, h, w)
+
+    def _all_configs(self) -> tuple[list[_IrConfig], list[tuple[int, int, int]]]:
+        """Every reachable inverted-residual configuration (deduplicated) and head input."""
+        seen: dict[str, _IrConfig] = {}
+        ins, (h, w) = [STEM_CHANNELS], self.resolution
+        heads: list[tuple[int, int, int]] = []
+        ch = self.choices
+        for base, stride in STAGE_BASE:
+            outs = sorted({stage_channels(base, wd) for wd in ch["widths"]})
+            ho, wo = (_conv_out(h), _conv_out(w)) if stride == 2 else (h, w)
+            for k in ch["kernels"]:
+                for e in ch["expands"]:
+                    for c_out in outs:
+                        for c_in in ins:
+                            cfg = _IrConfig(c_in, c_out, k, e, stride, h, w)
+                            seen.setdefault(cfg.key, cfg)
+                        if max(ch["depths"]) > 1:
+                            cfg = _IrConfig(c_out, c_out, k, e, 1, ho, wo)
+                            seen.setdefault(cfg.key, cfg)
+            ins, (h, w) = outs, (ho, wo)
+            heads = [(c, h, w) for c in outs]
+        return list(seen.values()), heads
+
+    def blocks(self) -> list[Block]:  # noqa: D102
+        configs, heads = self._all_configs()
+        out = [
+            Block(
+                self._stem_key(),
+                functools.partial(_MacroStem, self.in_channels),
+                self.input_shape(),
+            )
+        ]
+        for cfg in configs:
+            make = functools.partial(
+                InvertedResidual, cfg.c_in, cfg.c_out, cfg.kernel, cfg.stride, cfg.expand
+            )
+            out.append(Block(cfg.key, make, (cfg.c_in, cfg.h, cfg.w), chainable=cfg.chainable))
+        for c, h, w in heads:
+            make = functools.partial(_MacroHead, c, self.num_classes)
+            out.append(Block(self._head_key(c, h, w), make, (c, h, w)))
+        return out
+
+    def block_counts(self, spec: Any, folds_constants: bool = False) -> Counter[str]:  # noqa: D102
+        if not isinstance(spec, MacroSpec):
+            raise ConfigError(f"macro space expects a MacroSpec, got {type(spec).__name__}")
+        configs, (c, h, w) = self._layout(spec)
+        counts: Counter[str] = Counter({self._stem_key(): 1, self._head_key(c, h, w): 1})
+        for cfg in configs:
+            counts[cfg.key] += 1
+        return counts
+
+    def feature_sets(self) -> list[tuple[str, ...]]:  # noqa: D102
+        # Residual blocks are profiled in chains (in context), the others alone: their sums
+        # may need different scales.
+        kinds = ("sum[ir-res:]", "sum[ir:]", "sum[stem:,head:]", "const")
+        return [*super().feature_sets(), kinds, (*kinds[:-1], "n_blocks", "const")]
+
+    def sample(self, rng: random.Random) -> MacroSpec:  # noqa: D102
+        ch = self.choices
+        return MacroSpec(
+            tuple(rng.choice(ch["depths"]) for _ in STAGE_BASE),
+            tuple(rng.choice(ch["widths"]) for _ in STAGE_BASE),
+            tuple(rng.choice(ch["kernels"]) for _ in STAGE_BASE),
+            tuple(rng.choice(ch["expands"]) for _ in STAGE_BASE),
+        )
+
+    def build(self, spec: Any) -> nn.Module:  # noqa: D102
+        if not isinstance(spec, MacroSpec):
+            raise ConfigError(f"macro space expects a MacroSpec, got {type(spec).__name__}")
+        return build_macro_network(spec, self.in_channels, self.num_classes).eval()
+
+
+SPACES: dict[str, type[BlockSpace]] = {"cell": CellBlockSpace, "macro": MacroBlockSpace}
 """Spaces the profiler knows, by name."""
 
 
@@ -296,9 +565,10 @@ def get_space(name: str, **kwargs: Any) -> BlockSpace:
     """Build a block space by name.
 
     Args:
-        name: ``"cell"``.
+        name: ``"cell"`` or ``"macro"``.
         **kwargs: For ``cell``: ``shape`` (:class:`CellNetworkShape`) and ``resolution``
-            ``(h, w)``.
+            ``(h, w)``. For ``macro``: ``in_channels``, ``num_classes`` (or ``shape`` to take
+            them from) and ``resolution``.
 
     Raises:
         ConfigError: Unknown space.
