@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.nasforge-installed
 PARAMS ?= params.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast test-container lint format compile images images-gpu bench-search bench-serve bench-darts clean
+.PHONY: install run test test-fast test-container lint format compile images images-gpu bench-search bench-serve bench-darts bench-compress clean
 
 # torch first, pinned to the CPU build (a looser pin pulls the CUDA wheels), then the project.
 $(STAMP): pyproject.toml
@@ -63,6 +63,11 @@ bench-search: install
 bench-serve: install
 	$(BIN)/python benchmarks/bench_serve.py --phase prepare --models-dir /tmp/nasforge-bench-serve
 	flock /tmp/nasforge-bench.lock nice -n 5 $(BIN)/python benchmarks/bench_serve.py --phase run --models-dir /tmp/nasforge-bench-serve
+
+## Compression on CIFAR-10 (issue 5 benchmark): training at nice 10, timing under the shared lock.
+bench-compress: install
+	nice -n 10 $(BIN)/python benchmarks/bench_compress.py --phase train --work /tmp/nasforge-bench-compress
+	flock /tmp/nasforge-bench.lock nice -n 5 $(BIN)/python benchmarks/bench_compress.py --phase measure --work /tmp/nasforge-bench-compress
 
 ## DARTS on the NAS-Bench-201 cell with and without the anti-collapse measures (issue 3).
 bench-darts: install
