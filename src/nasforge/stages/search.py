@@ -247,25 +247,51 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
         "energy": "estimated or not modelled in search; measured energy is reported by benchmark",
         "prior": darts,
     }
+    return finish_search(
+        output,
+        pareto,
+        records,
+        losses,
+        sp.strategy,
+        supernet_seconds=supernet_seconds,
+        search_seconds=search_seconds,
+        unique_subnets=len(evaluator.cache),
+    )
+
+
+def finish_search(
+    output: Path,
+    pareto: dict[str, Any],
+    records: list[dict[str, Any]],
+    losses: list[float],
+    strategy: str,
+    *,
+    supernet_seconds: float,
+    search_seconds: float,
+    unique_subnets: int,
+    tags: dict[str, str] | None = None,
+) -> StageResult:
+    """Write ``pareto.json`` and ``history.json`` and summarize a search (either space)."""
     (output / "pareto.json").write_text(json.dumps(pareto, indent=2))
     (output / "history.json").write_text(
-        json.dumps({"supernet_loss": losses, "trials": records, "strategy": sp.strategy}, indent=2)
+        json.dumps({"supernet_loss": losses, "trials": records, "strategy": strategy}, indent=2)
     )
     best = min(records, key=lambda r: r["objectives"]["val_error"])
     print(
-        f"  Pareto front: {len(pareto['front'])} subnets; {len(candidates)} candidates", flush=True
+        f"  Pareto front: {len(pareto['front'])} subnets; {len(pareto['candidates'])} candidates",
+        flush=True,
     )
     return StageResult(
         metrics={
             "supernet_seconds": supernet_seconds,
             "search_seconds": search_seconds,
             "trials": len(records),
-            "unique_subnets": len(evaluator.cache),
+            "unique_subnets": unique_subnets,
             "front_size": len(pareto["front"]),
-            "candidates": len(candidates),
+            "candidates": len(pareto["candidates"]),
             "best_val_accuracy": 1.0 - best["objectives"]["val_error"],
         },
-        tags={"strategy": sp.strategy, "best_arch_str": best["arch_str"]},
+        tags={"strategy": strategy, "best_arch_str": best["arch_str"], **(tags or {})},
         model_dir=output,
         artifacts=[output / "pareto.json", output / "history.json"],
     )

@@ -12,8 +12,6 @@ of an ``arch_str``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -300,18 +298,6 @@ def select_macro_candidates(
     return chosen
 
 
-def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def macro_latency_predictor(
     targets: list[Any],
     input_shape: tuple[int, ...],
@@ -401,7 +387,6 @@ def run_macro_search(
     from safetensors.torch import save_file
 
     from nasforge.data.prepared import load_prepared
-    from nasforge.stages import StageResult
 
     sp = params.search
     choices = choices_from_params(params)
@@ -479,26 +464,16 @@ def run_macro_search(
     if predictor is not None and hasattr(predictor, "describe"):
         pareto["latency_sources"] = predictor.describe()
         pareto["targets"] = [t.describe() for t in predictor.targets]
-    _write_json(output / "pareto.json", pareto)
-    _write_json(
-        output / "history.json",
-        {"supernet_loss": losses, "trials": records, "strategy": sp.strategy},
-    )
-    best = min(records, key=lambda r: r["objectives"]["val_error"])
-    print(
-        f"  Pareto front: {len(pareto['front'])} subnets; {len(candidates)} candidates", flush=True
-    )
-    return StageResult(
-        metrics={
-            "supernet_seconds": supernet_seconds,
-            "search_seconds": search_seconds,
-            "trials": len(records),
-            "unique_subnets": len(evaluator.cache),
-            "front_size": len(pareto["front"]),
-            "candidates": len(candidates),
-            "best_val_accuracy": 1.0 - best["objectives"]["val_error"],
-        },
-        tags={"strategy": sp.strategy, "space": "macro", "best_arch_str": best["arch_str"]},
-        model_dir=output,
-        artifacts=[output / "pareto.json", output / "history.json"],
+    from nasforge.stages.search import finish_search  # the stage imports this module lazily
+
+    return finish_search(
+        output,
+        pareto,
+        records,
+        losses,
+        sp.strategy,
+        supernet_seconds=supernet_seconds,
+        search_seconds=search_seconds,
+        unique_subnets=len(evaluator.cache),
+        tags={"space": "macro"},
     )
