@@ -43,7 +43,6 @@ TINY_PARAMS = {
         "max_candidates": 1,
         "batch_size": 32,
         "bn_recalibration_batches": 1,
-        "latency_repeats": 3,
     },
     "train": {"epochs": 1, "batch_size": 32},
     "prune": {"channel_ratio": 0.25, "steps": 1, "finetune_epochs": 1},
