@@ -49,6 +49,16 @@ def tiny_params(**overrides):
     return params_from_dict(data, "tiny")
 
 
+def with_tracking_db(params, folder: Path):
+    """``params`` with its MLflow store in ``folder``, as an absolute URI.
+
+    MLflow caches its SQL store per URI string, so a relative ``sqlite:///mlflow.db`` keeps
+    pointing at whichever folder the first test used in this process.
+    """
+    uri = f"sqlite:///{Path(folder).absolute() / 'mlflow.db'}"
+    return params.model_copy(update={"tracking": params.tracking.model_copy(update={"uri": uri})})
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """A prepared digits dataset (tracking off)."""

@@ -15,7 +15,7 @@ from nasforge.space.macro import MacroNetwork, MacroSpec, build_macro_network
 from nasforge.stages.runner import execute
 from nasforge.supernet.macro_search import macro_arch_str, progressive_phases
 from nasforge.supernet.macro_supernet import ElasticChoices
-from tests.conftest import tiny_params
+from tests.conftest import tiny_params, with_tracking_db
 
 # A cheap corner of the space: one 3x3, expansion-3 block per stage, two widths. The largest
 # network of the full space (3 blocks, 7x7, expansion 6) is ~30x slower to train on CPU.
@@ -238,6 +238,7 @@ def test_macro_train_prune_qat_export_benchmark_report(macro_chain, tmp_path, mo
     # promote (MLflow in a local SQLite file, as in the cell chain's test) and report read
     # arch_str from the benchmark and the candidates.
     monkeypatch.chdir(tmp_path)
+    p = with_tracking_db(p, tmp_path)
     execute("promote", p, tmp_path / "promote", benchmarks=[out])
     prom = json.loads((tmp_path / "promote" / "promotion.json").read_text())
     assert [d["promoted"] for d in prom["decisions"]] == [True]

@@ -12,7 +12,7 @@ import pytest
 from nasforge.errors import ConfigError
 from nasforge.space.nb201 import CellSpec
 from nasforge.stages.runner import execute
-from tests.conftest import tiny_params
+from tests.conftest import tiny_params, with_tracking_db
 
 pytestmark = pytest.mark.slow
 
@@ -164,7 +164,7 @@ def test_export_files_parity_and_dynamic_batch(chain):
 
 def test_benchmark_promote_report(chain, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    p = chain["params"]
+    p = with_tracking_db(chain["params"], tmp_path)
     benches = []
     for target in p.targets:
         out = tmp_path / f"bench-{target}"
@@ -189,7 +189,7 @@ def test_benchmark_promote_report(chain, tmp_path, monkeypatch):
     execute("promote", p, tmp_path / "promote", benchmarks=benches)
     prom = json.loads((tmp_path / "promote" / "promotion.json").read_text())
     assert [d["target"] for d in prom["decisions"]] == p.targets
-    assert all(d["promoted"] for d in prom["decisions"])
+    assert all(d["promoted"] for d in prom["decisions"]), [d["reason"] for d in prom["decisions"]]
     execute(
         "report",
         p,
