@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,16 +98,32 @@ class SubnetEvaluator:
         return values
 
 
+def _connected_cell(record: dict[str, Any]) -> bool:
+    return is_connected(CellSpec(tuple(record["ops"])))
+
+
 def select_candidates(
-    records: list[dict[str, Any]], names: list[str], k: int, accuracy_window: float = 1.0
+    records: list[dict[str, Any]],
+    names: list[str],
+    k: int,
+    accuracy_window: float = 1.0,
+    structurally_valid: Callable[[dict[str, Any]], bool] = _connected_cell,
 ) -> list[dict[str, Any]]:
     """Pick up to ``k`` candidates: the first non-dominated front, spread over accuracy, then the next
     fronts if the first is smaller than ``k``. Each record gets its ``rank``.
 
-    Only eligible subnets are picked: connected cells (a disconnected one is a constant function,
-    trivially "optimal" on latency and size) within ``accuracy_window`` of the best validation
-    accuracy (the same region of interest as the tabular benchmark's metric).
+    Only eligible subnets are picked: ``structurally_valid`` ones (for cells: connected — a
+    disconnected cell is a constant function, trivially "optimal" on latency and size) within
+    ``accuracy_window`` of the best validation accuracy (the same region of interest as the
+    tabular benchmark's metric).
+
+    Raises:
+        ConfigError: No trials, or none eligible.
     """
+    from nasforge.errors import ConfigError
+
+    if not records:
+        raise ConfigError("the search produced no trials")
     losses = np.array([[r["objectives"][n] for n in names] for r in records], dtype=float)
     ranks = non_domination_rank(losses)
     for r, rank in zip(records, ranks, strict=True):
@@ -115,12 +132,10 @@ def select_candidates(
     eligible = [
         r
         for r in records
-        if is_connected(CellSpec(tuple(r["ops"])))
+        if structurally_valid(r)
         and r["objectives"]["val_error"] <= best_err + accuracy_window + 1e-12
     ]
     if not eligible:
-        from nasforge.errors import ConfigError
-
         raise ConfigError("the search found no connected subnet; raise search.trials")
     # Ranks among the eligible only, so a dominated-but-eligible subnet can fill the set.
     elig_losses = np.array([[r["objectives"][n] for n in names] for r in eligible], dtype=float)

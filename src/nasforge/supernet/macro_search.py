@@ -18,13 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import torch
 
 from nasforge.errors import ConfigError
 from nasforge.search.base import Prior
-from nasforge.search.pareto import non_domination_rank
 from nasforge.search.samplers import make_sampler
 from nasforge.space.cell import count_parameters
 from nasforge.space.macro import MacroSpec, macro_search_space
@@ -263,39 +261,16 @@ def search_macro_subnets(
 def select_macro_candidates(
     records: list[dict[str, Any]], names: list[str], k: int, accuracy_window: float = 1.0
 ) -> list[dict[str, Any]]:
-    """Up to ``k`` candidates: non-dominated fronts in order, spread along each front by
-    validation error, among subnets within ``accuracy_window`` of the best accuracy. Every record
-    gets its ``rank`` (over all records).
+    """Up to ``k`` candidates, chosen as for the cell space (every macro subnet is valid).
 
     Raises:
         ConfigError: ``records`` is empty.
     """
-    if not records:
-        raise ConfigError("the macro search produced no trials")
-    losses = np.array([[r["objectives"][n] for n in names] for r in records], dtype=float)
-    for r, rank in zip(records, non_domination_rank(losses), strict=True):
-        r["rank"] = int(rank)
-    best = min(r["objectives"]["val_error"] for r in records)
-    eligible = [
-        r for r in records if r["objectives"]["val_error"] <= best + accuracy_window + 1e-12
-    ]
-    el_losses = np.array([[r["objectives"][n] for n in names] for r in eligible], dtype=float)
-    el_ranks = non_domination_rank(el_losses)
-    chosen: list[dict[str, Any]] = []
-    for rank in sorted({int(x) for x in el_ranks}):
-        need = k - len(chosen)
-        if need <= 0:
-            break
-        front = sorted(
-            (r for r, rk in zip(eligible, el_ranks, strict=True) if rk == rank),
-            key=lambda r: r["objectives"]["val_error"],
-        )
-        if len(front) <= need:
-            chosen.extend(front)
-        else:
-            idx = np.unique(np.round(np.linspace(0, len(front) - 1, need)).astype(int))
-            chosen.extend(front[i] for i in idx)
-    return chosen
+    from nasforge.stages.search import select_candidates  # the stage imports this module lazily
+
+    return select_candidates(
+        records, names, k, accuracy_window, structurally_valid=lambda _record: True
+    )
 
 
 def macro_latency_predictor(
