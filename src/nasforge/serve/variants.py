@@ -155,10 +155,10 @@ def variants_from_registry(
     import mlflow
 
     from nasforge.tracking.mlflow_runs import client
-    from nasforge.tracking.registry import ACC_TAG, SIZE_TAG, alias_for
+    from nasforge.tracking.registry import ACC_TAG, SIZE_TAG, alias_for, model_name_for
 
     runtime, _ = _runtime_precision(target)
-    name = f"{model_prefix}-{target}".replace(":", "-")
+    name = model_name_for(model_prefix, target)
     c = client(tracking_uri)
     try:
         versions: list[Any] = list(c.search_model_versions(f"name='{name}'"))
