@@ -59,6 +59,30 @@ def with_tracking_db(params, folder: Path):
     return params.model_copy(update={"tracking": params.tracking.model_copy(update={"uri": uri})})
 
 
+def run_chain(params, root: Path, dataset: Path, candidate: int = 0) -> dict:
+    """search -> train(candidate) -> prune -> qat -> export with tracking off; outputs and results.
+
+    Returns:
+        ``{"data", "root", "params", <stage>, <stage>_result}`` for each stage.
+    """
+    from nasforge.stages.runner import execute
+
+    out = {"data": dataset, "root": root, "params": params}
+
+    def run(stage: str, **inputs) -> None:
+        out[stage] = root / stage
+        out[f"{stage}_result"] = execute(
+            stage, params, out[stage], tracking=False, dataset=dataset, **inputs
+        )
+
+    run("search")
+    run("train", search=out["search"], candidate=candidate)
+    run("prune", model=out["train"])
+    run("qat", model=out["prune"])
+    run("export", model=out["prune"], quantized=out["qat"])
+    return out
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """A prepared digits dataset (tracking off)."""

@@ -15,7 +15,7 @@ from nasforge.space.macro import MacroNetwork, MacroSpec, build_macro_network
 from nasforge.stages.runner import execute
 from nasforge.supernet.macro_search import macro_arch_str, progressive_phases
 from nasforge.supernet.macro_supernet import ElasticChoices
-from tests.conftest import tiny_params, with_tracking_db
+from tests.conftest import run_chain, tiny_params, with_tracking_db
 
 # A cheap corner of the space: one 3x3, expansion-3 block per stage, two widths. The largest
 # network of the full space (3 blocks, 7x7, expansion 6) is ~30x slower to train on CPU.
@@ -137,40 +137,9 @@ def macro_chain(tmp_path_factory, digits_dir):
     The second candidate is trained: the first is the most accurate subnet, which in this small
     corner is usually the teacher itself, and distilling a network into itself tests little.
     """
-    root = tmp_path_factory.mktemp("macro-chain")
-    p = macro_params()
-    out = {"data": digits_dir, "root": root, "params": p}
-    out["search"] = root / "search"
-    out["search_result"] = execute("search", p, out["search"], tracking=False, dataset=digits_dir)
-    out["train"] = root / "train"
-    out["train_result"] = execute(
-        "train",
-        p,
-        out["train"],
-        tracking=False,
-        dataset=digits_dir,
-        search=out["search"],
-        candidate=1,
+    return run_chain(
+        macro_params(), tmp_path_factory.mktemp("macro-chain"), digits_dir, candidate=1
     )
-    out["prune"] = root / "prune"
-    out["prune_result"] = execute(
-        "prune", p, out["prune"], tracking=False, dataset=digits_dir, model=out["train"]
-    )
-    out["qat"] = root / "qat"
-    out["qat_result"] = execute(
-        "qat", p, out["qat"], tracking=False, dataset=digits_dir, model=out["prune"]
-    )
-    out["export"] = root / "export"
-    out["export_result"] = execute(
-        "export",
-        p,
-        out["export"],
-        tracking=False,
-        dataset=digits_dir,
-        model=out["prune"],
-        quantized=out["qat"],
-    )
-    return out
 
 
 @pytest.mark.slow

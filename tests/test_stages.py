@@ -12,7 +12,7 @@ import pytest
 from nasforge.errors import ConfigError
 from nasforge.space.nb201 import CellSpec
 from nasforge.stages.runner import execute
-from tests.conftest import tiny_params, with_tracking_db
+from tests.conftest import run_chain, tiny_params, with_tracking_db
 
 pytestmark = pytest.mark.slow
 
@@ -20,40 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, digits_dir):
     """Run search -> train -> prune -> qat -> export once; tests inspect each output."""
-    root = tmp_path_factory.mktemp("chain")
-    p = tiny_params()
-    out = {"data": digits_dir, "root": root, "params": p}
-    out["search"] = root / "search"
-    out["search_result"] = execute("search", p, out["search"], tracking=False, dataset=digits_dir)
-    out["train"] = root / "train"
-    out["train_result"] = execute(
-        "train",
-        p,
-        out["train"],
-        tracking=False,
-        dataset=digits_dir,
-        search=out["search"],
-        candidate=0,
-    )
-    out["prune"] = root / "prune"
-    out["prune_result"] = execute(
-        "prune", p, out["prune"], tracking=False, dataset=digits_dir, model=out["train"]
-    )
-    out["qat"] = root / "qat"
-    out["qat_result"] = execute(
-        "qat", p, out["qat"], tracking=False, dataset=digits_dir, model=out["prune"]
-    )
-    out["export"] = root / "export"
-    out["export_result"] = execute(
-        "export",
-        p,
-        out["export"],
-        tracking=False,
-        dataset=digits_dir,
-        model=out["prune"],
-        quantized=out["qat"],
-    )
-    return out
+    return run_chain(tiny_params(), tmp_path_factory.mktemp("chain"), digits_dir, candidate=0)
 
 
 def test_prepare_data(digits_dir):
