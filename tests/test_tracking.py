@@ -19,6 +19,7 @@ from nasforge.tracking.registry import (
     beats,
     register_and_promote,
     rollback,
+    settle_champion,
 )
 
 
@@ -189,6 +190,39 @@ def test_racing_promotions_leave_one_consistent_champion(mlflow_server, tmp_path
             assert all(acc > a for a in earlier), (acc, d.reason)
     tags = client(uri).get_model_version(name, best.version).tags
     assert tags["nasforge.decision"] == "promoted"
+
+
+def test_simultaneous_alias_writes_settle_without_error(mlflow_server, tmp_path):
+    """Eight settlers writing an unset alias at once (MLflow's alias write is read-then-insert,
+    so concurrent first writes collide on the alias row): every one returns the same champion."""
+    uri = mlflow_server
+    c = client(uri)
+    for round_ in range(12):
+        name = f"settle-{tmp_path.name}-{round_}"
+        c.create_registered_model(name)
+        for acc in (0.90, 0.97, 0.93):
+            tags = {"nasforge.test_accuracy": repr(acc), "nasforge.latency_p50_ms": "1.0",
+                    "nasforge.size_bytes": "100"}  # fmt: skip
+            c.create_model_version(name, source="s3://nasforge-test/model", tags=tags)
+        barrier = threading.Barrier(8)
+        results: list[object] = []
+
+        def settle(
+            name: str = name, barrier: threading.Barrier = barrier, results: list = results
+        ) -> None:
+            try:
+                barrier.wait(timeout=60)
+                results.append(settle_champion(uri, name, "champion-x", 0.005, 0.1))
+            except BaseException as err:  # noqa: BLE001 - checked in the main thread
+                results.append(err)
+
+        threads = [threading.Thread(target=settle) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert results == [2] * 8, results
+        assert int(c.get_model_version_by_alias(name, "champion-x").version) == 2
 
 
 def test_rollback_restores_previous_champion(tmp_path):

@@ -10,16 +10,21 @@ Instead, the champion is a function of the registry's content: the gate applied 
 (v1 is champion, each later version replaces the champion if it beats it), skipping versions
 without evidence and versions rolled back. Every promoter registers its version first, then
 settles the alias on that function and re-reads until the alias and the set of versions it was
-computed from are both unchanged, so whichever promoter writes last writes the answer all of them
+computed from are both unchanged (a write that loses a race with another promoter's write is
+retried), so whichever promoter writes last writes the answer all of them
 agree on: one consistent champion, whatever the interleaving. Rolling back marks the champion
 ``nasforge.rolled_back`` and settles again, which restores the previous champion.
 """
 
 from __future__ import annotations
 
+import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mlflow.exceptions import MlflowException
 
 from nasforge.errors import TrackingError
 from nasforge.tracking.mlflow_runs import client
@@ -174,10 +179,17 @@ def settle_champion(uri: str, name: str, alias: str, acc_tol: float, lat_tol: fl
         champ = _fold(versions, acc_tol, lat_tol)
         want = champ.version if champ else None
         if _alias_version(c, name, alias) != want:
-            if want is None:
-                c.delete_registered_model_alias(name, alias)
-            else:
-                c.set_registered_model_alias(name, alias, str(want))
+            try:
+                if want is None:
+                    c.delete_registered_model_alias(name, alias)
+                else:
+                    c.set_registered_model_alias(name, alias, str(want))
+            except MlflowException:
+                # MLflow's alias write is read-then-insert: two promoters writing the alias at
+                # the same moment can make one fail (UNIQUE constraint on the alias row, or the
+                # alias already deleted). The other write stands; back off briefly and re-read.
+                time.sleep(random.uniform(0.05, 0.3))
+                continue
         if _eligible(c, name) == versions and _alias_version(c, name, alias) == want:
             return want
     raise TrackingError(f"{name}: alias {alias} did not settle after {SETTLE_ROUNDS} rounds")
