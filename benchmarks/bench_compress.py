@@ -68,7 +68,7 @@ DEFAULT_WORK = Path("/tmp/nasforge-bench-compress")
 MEAN = np.array([0.4913, 0.4821, 0.4465], dtype=np.float32).reshape(1, 3, 1, 1) * 255
 STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32).reshape(1, 3, 1, 1) * 255
 RUNTIMES = {"onnxruntime": "onnxruntime-cpu", "openvino": "openvino-cpu"}
-BUDGET_MINUTES = 75
+BUDGET_MINUTES = 80
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -644,7 +644,9 @@ def train_main(
             example,
             target_flops_ratio=args.prune_flops,
             steps=args.prune_steps,
-            finetune=lambda m: train(m, xp, yp, next(ft_epochs), lr=args.prune_lr, log="prune ft"),
+            finetune=lambda m: train(
+                m, xp, yp, next(ft_epochs), lr=args.prune_lr, batch=args.batch, log="prune ft"
+            ),
             round_to=8,
         )
         pruned.eval()
@@ -1075,9 +1077,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prune-flops", type=float, default=0.5)
     ap.add_argument("--prune-steps", type=int, default=2)
     ap.add_argument("--prune-finetune-epochs", type=int, default=1, help="after each step")
-    ap.add_argument("--prune-final-epochs", type=int, default=2, help="after the last step")
+    ap.add_argument("--prune-final-epochs", type=int, default=8, help="after the last step")
     ap.add_argument("--prune-lr", type=float, default=0.1)
-    ap.add_argument("--prune-samples", type=int, default=25000, help="fine-tuning images")
+    ap.add_argument("--prune-samples", type=int, default=50000, help="fine-tuning images")
     ap.add_argument("--qat-epochs", type=int, default=1)
     ap.add_argument("--qat-samples", type=int, default=10000)
     ap.add_argument("--qat-batch", type=int, default=128)
