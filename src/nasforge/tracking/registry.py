@@ -174,6 +174,7 @@ def settle_champion(uri: str, name: str, alias: str, acc_tol: float, lat_tol: fl
     eligible.
     """
     c = client(uri)
+    last_error: MlflowException | None = None
     for _ in range(SETTLE_ROUNDS):
         versions = _eligible(c, name)
         champ = _fold(versions, acc_tol, lat_tol)
@@ -184,7 +185,8 @@ def settle_champion(uri: str, name: str, alias: str, acc_tol: float, lat_tol: fl
                     c.delete_registered_model_alias(name, alias)
                 else:
                     c.set_registered_model_alias(name, alias, str(want))
-            except MlflowException:
+            except MlflowException as err:
+                last_error = err
                 # MLflow's alias write is read-then-insert: two promoters writing the alias at
                 # the same moment can make one fail (UNIQUE constraint on the alias row, or the
                 # alias already deleted). The other write stands; back off briefly and re-read.
@@ -192,7 +194,8 @@ def settle_champion(uri: str, name: str, alias: str, acc_tol: float, lat_tol: fl
                 continue
         if _eligible(c, name) == versions and _alias_version(c, name, alias) == want:
             return want
-    raise TrackingError(f"{name}: alias {alias} did not settle after {SETTLE_ROUNDS} rounds")
+    why = f" (last alias write failed: {str(last_error).splitlines()[0]})" if last_error else ""
+    raise TrackingError(f"{name}: alias {alias} did not settle after {SETTLE_ROUNDS} rounds{why}")
 
 
 def register_and_promote(
