@@ -68,7 +68,7 @@ DEFAULT_WORK = Path("/tmp/nasforge-bench-compress")
 MEAN = np.array([0.4913, 0.4821, 0.4465], dtype=np.float32).reshape(1, 3, 1, 1) * 255
 STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32).reshape(1, 3, 1, 1) * 255
 RUNTIMES = {"onnxruntime": "onnxruntime-cpu", "openvino": "openvino-cpu"}
-BUDGET_MINUTES = 80
+BUDGET_MINUTES = 115
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -1084,14 +1084,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qat-samples", type=int, default=10000)
     ap.add_argument("--qat-batch", type=int, default=128)
     ap.add_argument("--qat-lr", type=float, default=0.005)
-    ap.add_argument("--mobilenet-epochs", type=int, default=4, help="0 skips the section")
+    ap.add_argument("--mobilenet-epochs", type=int, default=10, help="0 skips the section")
     ap.add_argument(
         "--mobilenet-spec",
         default='{"depths": [1, 2, 2, 1], "widths": [1.0, 1.0, 1.0, 1.0], '
         '"kernels": [3, 3, 3, 3], "expands": [4, 4, 4, 4]}',
     )
     ap.add_argument("--mobilenet-lr", type=float, default=0.2)
-    ap.add_argument("--mobilenet-samples", type=int, default=25000, help="train images")
+    ap.add_argument("--mobilenet-samples", type=int, default=50000, help="train images")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=400, help="per round at batch 1 (/4 at 32)")

@@ -105,3 +105,32 @@ def test_run_rejects_bad_input_before_starting(tmp_path):
     proc = _run(["run", "--params", "p.yaml", "--runs-dir", "runs"], tmp_path)
     _assert_one_line_error(proc, "nope")
     assert not (tmp_path / "runs").exists()
+
+
+def test_profile_builds_a_calibrated_table(tmp_path):
+    import json
+
+    proc = _run(
+        ["profile", "--target", "onnxruntime-cpu", "--space", "cell", "--input-shape", "1,6,6",
+         "--channels", "4", "--num-classes", "4", "--batch-sizes", "1", "--threads", "1",
+         "--rounds", "1", "--calibration-networks", "8", "--out", "t.json"],
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads((tmp_path / "t.json").read_text())
+    assert table["machine"]["threads"] == 1 and table["machine"]["runtime"] == "onnxruntime"
+    assert table["calibration"]["1"]["n_networks"] == 8
+    assert any(k.startswith("op:nor_conv_3x3") for k in table["blocks"]["1"])
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--target", "no-such-target"], "onnxruntime-cpu"),  # lists the known targets
+        (["--target", "onnxruntime-cpu", "--rounds", "0"], "rounds >= 1"),
+    ],
+)
+def test_profile_bad_input(tmp_path, args, needle):
+    proc = _run(["profile", *args, "--out", "t.json"], tmp_path)
+    _assert_one_line_error(proc, needle)
+    assert not (tmp_path / "t.json").exists()

@@ -252,3 +252,33 @@ def test_runtime_quantizer_lets_onnxruntime_run_all_convs_in_int8(tmp_path: Path
     # ... the runtime quantizer (nasforge's default) gets (nearly) every conv into QLinearConv
     assert ops[False].get("QLinearConv", 0) > ops[True].get("QLinearConv", 0)
     assert ops[False].get("QLinearConv", 0) >= n_conv - 1, ops[False]
+
+
+def test_ptq_quantizes_the_conv_relu_before_a_global_max(tmp_path: Path) -> None:
+    """torchao leaves a Conv+ReLU output in float unless an int8 op follows; before a global max
+    (amax) that made ONNX Runtime run the last conv as an fp32 FusedConv."""
+    from torch import nn
+
+    from nasforge.compress.qat import ptq
+
+    class GlobalMaxNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(
+                nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            )  # fmt: skip
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.amax(self.body(x), dim=(2, 3)))
+
+    x, _, xt, _ = digits()
+    torch.manual_seed(0)
+    model = GlobalMaxNet().eval()
+    result = ptq(model, torch.from_numpy(x[:8]), x[:64])
+    path = onnx_export.export_int8(result.model, torch.from_numpy(x[:8]), tmp_path / "m.onnx")
+    ops = _ort_optimized_ops(path, tmp_path)
+    assert ops.get("QLinearConv", 0) == 2 and "FusedConv" not in ops and "Conv" not in ops, ops
+    assert check_parity(result.model, path, xt, "onnxruntime")["passed"]

@@ -64,6 +64,21 @@ def test_block_counts_match_exported_graph(space: CellBlockSpace, tmp_path: Path
     assert ops["Relu"] == relus + 2 * n_red + 1
 
 
+def test_constant_sums_counted_where_the_runtime_folds_constants(space: CellBlockSpace):
+    # node 1 has only a `none` input: a constant. Node 2 adds a skip of it, node 3 a pool of it.
+    spec = CellSpec.from_arch_str(
+        "|none~0|+|nor_conv_3x3~0|skip_connect~1|+|avg_pool_3x3~0|avg_pool_3x3~1|avg_pool_3x3~2|"
+    )
+    folded = space.block_counts(spec, folds_constants=True)
+    plain = space.block_counts(spec)
+    addconst = {k: n for k, n in folded.items() if k.startswith("addconst:")}
+    assert len(addconst) == SHAPE.stages and set(addconst.values()) == {2}
+    assert not any(k.startswith("addconst:") for k in plain)
+    # Without folding, the constant node is computed (zeros) and summed like any other input.
+    assert any(k.startswith("zeros:") for k in plain)
+    assert {blk.key for blk in space.blocks()} >= set(folded) | set(plain)
+
+
 def test_computed_edges_drops_unused():
     # node 1 feeds only a 'none' edge to node 3 and nothing else: its conv is dead code.
     spec = CellSpec(("nor_conv_3x3", "skip_connect", "none", "skip_connect", "none", "none"))
@@ -350,6 +365,46 @@ def test_fit_calibration_recovers_overhead_and_picks_features():
     y[3] *= 3
     cal = fit_calibration(counts, latencies, y)
     assert cal.n_outliers == 1 and cal.scale == pytest.approx(1.3, rel=1e-6)
+
+
+def test_in_context_regression_corrects_blocks_the_profile_gets_wrong():
+    from nasforge.hardware.latency_table import Calibration, fit_calibration
+
+    rng = np.random.default_rng(1)
+    keys = [f"b{i}" for i in range(30)]
+    table = {k: float(v) for k, v in zip(keys, rng.uniform(0.1, 1.0, 30), strict=True)}
+    # Inside a network every block costs a different multiple of its profiled latency (fusion,
+    # layout changes): no single scale on the block sum explains the networks.
+    true = {k: table[k] * float(r) for k, r in zip(keys, rng.uniform(0.3, 2.0, 30), strict=True)}
+
+    def network() -> dict[str, int]:
+        return {str(k): int(rng.integers(1, 4)) for k in rng.choice(keys, 8, replace=False)}
+
+    def latency(c: dict[str, int]) -> float:
+        return sum(n * true[k] for k, n in c.items()) + 0.2
+
+    calib = [network() for _ in range(60)]
+    sets = [("block_sum", "const"), ("in_context", "const")]
+    cal = fit_calibration(calib, table, [latency(c) for c in calib], sets)
+    assert cal.features == ["in_context", "const"] and cal.prior_weight is not None
+    assert cal.loo_within_10pct == 1.0
+    held_out = [network() for _ in range(20)]
+    for c in held_out:
+        assert cal.apply(c, table) == pytest.approx(latency(c), rel=0.03)
+    # A block no calibration network contained falls back to the scaled profile.
+    unseen = {"new": 1}
+    assert cal.apply(unseen, {**table, "new": 2.0}) == pytest.approx(
+        cal.scale * 2.0 + cal.overhead_ms
+    )
+    # The fitted blocks survive a JSON round trip of the table's calibration.
+    again = Calibration(**json.loads(json.dumps(vars(cal))))
+    assert again.apply(held_out[0], table) == pytest.approx(cal.apply(held_out[0], table))
+    # Too few networks to judge block by block: the simple regression is kept.
+    few = calib[:6]
+    assert fit_calibration(few, table, [latency(c) for c in few], sets).features == [
+        "block_sum",
+        "const",
+    ]
 
 
 def test_time_interleaved_budget_quantile_and_samples(space: CellBlockSpace, tmp_path: Path):

@@ -164,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cells-per-stage", type=int, default=1)
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds")
+    p.add_argument(
+        "--calibration-networks",
+        type=int,
+        default=32,
+        help="random whole networks timed to calibrate the table (>= 8 for the in-context fit)",
+    )
     p.add_argument("--out", type=Path, default=None, help="table JSON (default: the table cache)")
 
     p = sub.add_parser("targets", help="list hardware targets and whether they are available here")
@@ -333,6 +340,8 @@ def _profile(args: argparse.Namespace) -> int:
         threads=args.threads,
         out=args.out,
         progress=lambda msg: print(f"  {msg}", flush=True),
+        rounds=args.rounds,
+        calibration_networks=args.calibration_networks,
     )
     print(f"latency table for {target.name} / {args.space}: {path}")
     return 0

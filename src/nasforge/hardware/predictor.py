@@ -110,7 +110,9 @@ def get_latency_table(
         try:
             table = LatencyTable.load(path)
             table.check_machine(threads)
-            if all(b in table.blocks for b in wanted):
+            keys = {blk.key for blk in space.blocks()}
+            # A table from an older nasforge may lack blocks the space now counts: rebuild.
+            if all(b in table.blocks and keys <= set(table.blocks[b]) for b in wanted):
                 return table
             wanted = sorted(set(wanted) | set(table.batch_sizes))
         except (ModelFileError, TargetError):
@@ -303,6 +305,12 @@ class LatencyPredictor:
                 out[t.name] = {
                     "source": "profiled-table",
                     "threads": self.threads,
-                    "calibration": {str(b): vars(c) for b, c in tab.calibration.items()},
+                    # The in-context block latencies stay in the table file; outputs get
+                    # how many blocks the calibration corrected.
+                    "calibration": {
+                        str(b): {k: v for k, v in vars(c).items() if k != "in_context"}
+                        | {"in_context_blocks": len(c.in_context)}
+                        for b, c in tab.calibration.items()
+                    },
                 }
         return out
