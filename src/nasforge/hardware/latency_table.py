@@ -86,6 +86,11 @@ with the best leave-one-out error on the calibration networks, so more features 
 they predict unseen networks better."""
 
 
+def _sum_prefixes(name: str) -> tuple[str, ...]:
+    """Block-key prefixes of a ``sum[p1,p2,...]`` feature."""
+    return tuple(p for p in name[4:-1].split(",") if p)
+
+
 def network_feature(
     name: str,
     counts: Mapping[str, int],
@@ -116,7 +121,7 @@ def network_feature(
     if name == "const":
         return 1.0
     if name.startswith("sum[") and name.endswith("]"):
-        prefixes = tuple(p for p in name[4:-1].split(",") if p)
+        prefixes = _sum_prefixes(name)
         return float(sum(n * latencies[k] for k, n in counts.items() if k.startswith(prefixes)))
     if name.startswith("stat[") and name.endswith("]") and stats:
         stat = name[5:-1]
@@ -478,10 +483,10 @@ IN_CONTEXT_PRIOR_WEIGHTS = (1e-4, 1e-3, 1e-2, 1e-1)
 """Candidate weights of the profiled table against the calibration networks in the in-context
 regression (chosen by leave-one-out error): with weight ``w`` one block's latency moving 100%
 from its scaled profiled value costs as much as a ``sqrt(w)`` relative error on one network.
-Measured here (cell space, 48 networks, 1 thread): blocks profiled alone or in chains of copies
-are a poor guide to their cost inside a network (OpenVINO batch 32: 0% of held-out networks
-within 10% at ``w = 0.03``, 90% at ``w = 1e-4``), so the prior mostly fills in blocks that no
-calibration network contains."""
+Measured here (cell space, 48 networks, 1 thread, one global scale as the prior): blocks
+profiled alone or in chains of copies are a poor guide to their cost inside a network (OpenVINO
+batch 32: 0% of held-out networks within 10% at ``w = 0.03``, 90% at ``w = 1e-4``), so the
+prior mostly fills in blocks that no calibration network contains."""
 
 
 def _loo_score(rel_err: np.ndarray) -> float:
@@ -562,7 +567,7 @@ def _kind_scales(
     for k in latencies:
         out[k] = default
         for f in kinds:
-            if f.startswith("sum[") and k.startswith(tuple(p for p in f[4:-1].split(",") if p)):
+            if f.startswith("sum[") and k.startswith(_sum_prefixes(f)):
                 out[k] = coefs[f] if coefs[f] > 0 else default
                 break
     return out
