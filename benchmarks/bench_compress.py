@@ -14,7 +14,9 @@ pinned to f32):
 * ``int8_qat``  nasforge QAT (torchao pt2e, X86 quantizer) -> QDQ ONNX;
 * ``int8_ptq``  nasforge PTQ (torchao pt2e) -> QDQ ONNX;
 * ``ort_ptq``   ONNX Runtime ``quantize_static`` (QDQ, per-channel, S8S8) of the FP32 ONNX;
-* ``nncf_ptq``  ``nncf.quantize`` of the FP32 model (OpenVINO IR), run by OpenVINO only.
+* ``nncf_ptq``  ``nncf.quantize`` of the FP32 model (OpenVINO IR), run by OpenVINO only;
+* ``ort_ptq_per_tensor`` (MobileNet section only) ``quantize_static`` with per-tensor weights,
+                ONNX Runtime's default granularity.
 
 A second, smaller section repeats the INT8 comparison on a depthwise-separable MobileNet-style
 network of the macro space (:mod:`nasforge.space.macro`), where PTQ is known to lose more.
@@ -43,6 +45,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +60,13 @@ from nasforge.compress.prune import (
     prune_structured,
     save_model,
 )
-from nasforge.compress.qat import load_quantized, ptq, quantize_qat, save_quantized
+from nasforge.compress.qat import (
+    freeze_bn_stats,
+    load_quantized,
+    ptq,
+    quantize_qat,
+    save_quantized,
+)
 from nasforge.export.onnx import export_fp32, export_int8
 from nasforge.export.parity import check_parity, runtime_runner
 from nasforge.training import kd_loss
@@ -68,7 +77,7 @@ DEFAULT_WORK = Path("/tmp/nasforge-bench-compress")
 MEAN = np.array([0.4913, 0.4821, 0.4465], dtype=np.float32).reshape(1, 3, 1, 1) * 255
 STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32).reshape(1, 3, 1, 1) * 255
 RUNTIMES = {"onnxruntime": "onnxruntime-cpu", "openvino": "openvino-cpu"}
-BUDGET_MINUTES = 115
+BUDGET_MINUTES = 130
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -278,8 +287,12 @@ def exported_acc(path: Path, runtime: str, x: np.ndarray, y: np.ndarray) -> floa
 # --- baselines ----------------------------------------------------------------------------------
 
 
-def ort_static_ptq(fp32: Path, out: Path, calib: np.ndarray) -> Path:
-    """ONNX Runtime static PTQ: QDQ, per-channel, S8S8 (what a user would pick)."""
+def ort_static_ptq(fp32: Path, out: Path, calib: np.ndarray, per_channel: bool = True) -> Path:
+    """ONNX Runtime static PTQ: QDQ, per-channel, S8S8 (what a user would pick).
+
+    ``per_channel=False`` is the per-tensor variant (ONNX Runtime's own default), which is what
+    makes PTQ lose accuracy on depthwise convolutions.
+    """
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -308,7 +321,7 @@ def ort_static_ptq(fp32: Path, out: Path, calib: np.ndarray) -> Path:
         str(tmp),
         Reader(),
         quant_format=QuantFormat.QDQ,
-        per_channel=True,
+        per_channel=per_channel,
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
     )
@@ -388,6 +401,37 @@ def file_entry(path: Path, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class QatRecipe:
+    """How the benchmark fine-tunes a QAT-prepared graph (SGD + Nesterov, linear decay).
+
+    Attributes:
+        epochs: passes over ``samples`` random, freshly augmented train images.
+        samples: images per epoch.
+        batch: batch size.
+        lr: initial learning rate (decays linearly to 0).
+        freeze_bn: share of the steps after which BatchNorm statistics stop updating
+            (1.0: never). Observers always freeze after half the steps.
+    """
+
+    epochs: int
+    samples: int
+    batch: int
+    lr: float
+    freeze_bn: float = 1.0
+
+    def describe(self) -> str:
+        bn = (
+            f", BN statistics frozen after {self.freeze_bn:.0%} of the steps"
+            if self.freeze_bn < 1.0
+            else ""
+        )
+        return (
+            f"{self.epochs} epoch(s) on {self.samples} train images, batch {self.batch}, SGD lr "
+            f"{self.lr} linear decay, observers frozen after half the steps{bn}"
+        )
+
+
 def int8_suite(
     work: Work,
     prefix: str,
@@ -398,9 +442,13 @@ def int8_suite(
     xt: np.ndarray,
     yt: np.ndarray,
     calib: np.ndarray,
-    args: argparse.Namespace,
+    qat_recipe: QatRecipe,
+    per_tensor_baseline: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """nasforge QAT and PTQ, ORT static PTQ and NNCF PTQ, all from the same FP32 model."""
+    """nasforge QAT and PTQ, ORT static PTQ and NNCF PTQ, all from the same FP32 model.
+
+    ``per_tensor_baseline`` adds ``ort_ptq_per_tensor`` (ONNX Runtime's default granularity).
+    """
     example = torch.from_numpy(xt[:8])
     out: dict[str, dict[str, Any]] = {}
     d = work.root
@@ -409,22 +457,23 @@ def int8_suite(
     def qat_loop(prepared: torch.fx.GraphModule) -> None:
         from torchao.quantization.pt2e import disable_observer
 
+        r = qat_recipe
         rng = np.random.default_rng(0)
-        opt = torch.optim.SGD(prepared.parameters(), lr=args.qat_lr, momentum=0.9, nesterov=True)
-        n = min(len(x), args.qat_samples)
-        steps = args.qat_epochs * (n // args.qat_batch)
+        opt = torch.optim.SGD(prepared.parameters(), lr=r.lr, momentum=0.9, nesterov=True)
+        n = min(len(x), r.samples)
+        steps = r.epochs * (n // r.batch)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(steps, 1))
         step = 0
-        for _ in range(args.qat_epochs):
+        for _ in range(r.epochs):
             sub = torch.from_numpy(rng.permutation(len(x))[:n])
             xa = augment(x[sub], rng)
-            for i in range(0, n - args.qat_batch + 1, args.qat_batch):
+            for i in range(0, n - r.batch + 1, r.batch):
                 if step == steps // 2:  # freeze the quantization grid for the second half
                     prepared.apply(disable_observer)
-                xb = torch.from_numpy(normalize(xa[i : i + args.qat_batch]))
-                loss = F.cross_entropy(
-                    prepared(xb), y[sub[i : i + args.qat_batch]], label_smoothing=0.1
-                )
+                if r.freeze_bn < 1.0 and step == int(steps * r.freeze_bn):
+                    freeze_bn_stats(prepared)
+                xb = torch.from_numpy(normalize(xa[i : i + r.batch]))
+                loss = F.cross_entropy(prepared(xb), y[sub[i : i + r.batch]], label_smoothing=0.1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -442,8 +491,7 @@ def int8_suite(
         "torch_acc": torch_acc(qat.model, xt, yt),
         "quant_scheme": qat.scheme,
         "train_cpu_seconds": qat_s,
-        "recipe": f"{args.qat_epochs} epoch(s) on {args.qat_samples} train images, SGD lr "
-        f"{args.qat_lr} linear decay, observers frozen after half the steps",
+        "recipe": replace(qat_recipe, samples=min(qat_recipe.samples, len(x))).describe(),
         "parity": parity_all(reloaded, qat_path, xt),
     }
     print(f"{prefix}int8_qat: {out['int8_qat']['test_acc']:.4f} ({qat_s:.0f} CPU s)", flush=True)
@@ -475,8 +523,20 @@ def int8_suite(
         "defaults (performance preset)",
         "cpu_seconds": time.process_time() - t0,
     }
-    for k in ("int8_ptq", "ort_ptq", "nncf_ptq"):
-        print(f"{prefix}{k}: {out[k]['test_acc']:.4f}", flush=True)
+    if per_tensor_baseline:
+        t0 = time.process_time()
+        pt_path = ort_static_ptq(
+            fp32_path, d / f"{prefix}ort_ptq_per_tensor.onnx", calib, per_channel=False
+        )
+        out["ort_ptq_per_tensor"] = {
+            **file_entry(pt_path, xt, yt),
+            "method": "onnxruntime.quantization.quantize_static(QDQ, per_channel=False, S8S8), "
+            f"{len(calib)} calibration images after quant_pre_process",
+            "cpu_seconds": time.process_time() - t0,
+        }
+    for k in ("int8_ptq", "ort_ptq", "nncf_ptq", "ort_ptq_per_tensor"):
+        if k in out:
+            print(f"{prefix}{k}: {out[k]['test_acc']:.4f}", flush=True)
     return out
 
 
@@ -502,7 +562,7 @@ def phase_train(args: argparse.Namespace) -> None:
     if "main" in args.sections:
         train_main(args, work, xu, y, xt, yt, calib)
     # 5. secondary: MobileNet-style depthwise-separable network from the macro space
-    if "mobilenet" in args.sections and args.mobilenet_epochs > 0 and not work.done("mobilenet"):
+    if "mobilenet" in args.sections and args.mobilenet_epochs > 0:
         train_mobilenet(args, work, xu, y, xt, yt, calib)
     work.state["train_wall_seconds"] = work.state.get("train_wall_seconds", 0.0) + (
         time.time() - wall0
@@ -675,7 +735,8 @@ def train_main(
 
     # 4. INT8, all from the same FP32 reference
     if not work.done("int8"):
-        out = int8_suite(work, "", ref, d / "fp32.onnx", xu, y, xt, yt, calib, args)
+        recipe = QatRecipe(args.qat_epochs, args.qat_samples, args.qat_batch, args.qat_lr)
+        out = int8_suite(work, "", ref, d / "fp32.onnx", xu, y, xt, yt, calib, recipe)
         work.finish("int8", variants=out)
 
 
@@ -688,22 +749,31 @@ def train_mobilenet(
     yt: np.ndarray,
     calib: np.ndarray,
 ) -> None:
-    """Secondary section: FP32 and the four INT8 variants of a macro-space MobileNet-style net."""
+    """Secondary section: FP32 and the four INT8 variants of a macro-space MobileNet-style net.
+
+    Two resumable steps: ``mobilenet_fp32`` trains and checkpoints the float model
+    (``mb_fp32.pt``), ``mobilenet_int8`` quantizes that checkpoint, so a different INT8 recipe
+    can be re-run on the same trained model.
+    """
     example = torch.from_numpy(xt[:8])
     d = work.root
-    t0 = time.process_time()
     msub = torch.from_numpy(
         np.random.default_rng(11).permutation(len(xu))[: args.mobilenet_samples]
     )
     xm, ym = xu[msub], y[msub]
-    torch.manual_seed(0)
-    mb = as_module(macro_net(args.mobilenet_spec))
-    secs = train(mb, xm, ym, args.mobilenet_epochs, lr=args.mobilenet_lr, log="mobilenet")
-    mb = mb.to(memory_format=torch.contiguous_format).eval()
-    path = export_fp32(mb, example, d / "mb_fp32.onnx")
-    macs, params = count_macs_params(mb, example)
-    variants = {
-        "fp32": {
+    ckpt = d / "mb_fp32.pt"
+    if not work.done("mobilenet_fp32") or not ckpt.is_file():
+        t0 = time.process_time()
+        torch.manual_seed(0)
+        mb = as_module(macro_net(args.mobilenet_spec))
+        secs = train(mb, xm, ym, args.mobilenet_epochs, lr=args.mobilenet_lr, log="mobilenet")
+        mb = mb.to(memory_format=torch.contiguous_format).eval()
+        tmp = ckpt.with_suffix(".pt.tmp")
+        torch.save(mb.state_dict(), tmp)
+        os.replace(tmp, ckpt)
+        path = export_fp32(mb, example, d / "mb_fp32.onnx")
+        macs, params = count_macs_params(mb, example)
+        fp32 = {
             **file_entry(path, xt, yt),
             "torch_acc": torch_acc(mb, xt, yt),
             "train_cpu_seconds": secs,
@@ -711,17 +781,41 @@ def train_mobilenet(
             "train_images": len(xm),
             "parity": parity_all(mb, path, xt),
         }
-    }
-    print(f"mb_fp32: {variants['fp32']['test_acc']:.4f}", flush=True)
-    variants |= int8_suite(work, "mb_", mb, path, xm, ym, xt, yt, calib, args)
+        print(f"mb_fp32: {fp32['test_acc']:.4f}", flush=True)
+        work.state.pop("mobilenet", None)  # a new float model invalidates the old INT8 ones
+        work.state["done"] = [s for s in work.state.get("done", []) if s != "mobilenet_int8"]
+        work.finish(
+            "mobilenet_fp32",
+            mobilenet={
+                "spec": json.loads(args.mobilenet_spec),
+                "macs": macs,
+                "params": params,
+                "variants": {"fp32": fp32},
+                "cpu_seconds": time.process_time() - t0,
+            },
+        )
+    if work.done("mobilenet_int8"):
+        return
+    t0 = time.process_time()
+    mb = as_module(macro_net(args.mobilenet_spec))
+    mb.load_state_dict(torch.load(ckpt, weights_only=True))
+    mb.eval()
+    recipe = QatRecipe(
+        epochs=args.mobilenet_qat_epochs,
+        samples=args.mobilenet_qat_samples,
+        batch=args.qat_batch,
+        lr=args.mobilenet_qat_lr,
+        freeze_bn=args.mobilenet_qat_freeze_bn,
+    )
+    section = work.state["mobilenet"]
+    int8 = int8_suite(
+        work, "mb_", mb, d / "mb_fp32.onnx", xm, ym, xt, yt, calib, recipe, per_tensor_baseline=True
+    )
     work.finish(
-        "mobilenet",
+        "mobilenet_int8",
         mobilenet={
-            "spec": json.loads(args.mobilenet_spec),
-            "macs": macs,
-            "params": params,
-            "variants": variants,
-            "cpu_seconds": time.process_time() - t0,
+            "variants": section["variants"] | int8,
+            "cpu_seconds": section.get("cpu_seconds", 0.0) + time.process_time() - t0,
         },
     )
 
@@ -857,7 +951,8 @@ def acceptance(res: dict[str, Any]) -> dict[str, Any]:
         mv = res["mobilenet"]["variants"]
         out["mobilenet_qat_recovery_points"] = {
             k: (mv["int8_qat"]["test_acc"] - mv[k]["test_acc"]) * 100
-            for k in ("int8_ptq", "ort_ptq", "nncf_ptq")
+            for k in ("int8_ptq", "ort_ptq", "nncf_ptq", "ort_ptq_per_tensor")
+            if k in mv
         }
     pr = v["pruned"]
     pdrop = (fp["test_acc"] - pr["test_acc"]) * 100
@@ -981,6 +1076,7 @@ def write(results: dict[str, Any], out: Path) -> None:
         "Test accuracy is that of the exported file (ONNX Runtime; OpenVINO for nncf_ptq); "
         "student/kd: mean ± std over seeds. Parity: top-1 agreement of the exported file with "
         "its torch model (INT8: the converted fake-quant torch model).",
+        f"INT8 QAT: {results['variants']['int8_qat'].get('recipe', '-')}.",
         "",
         *_table(results["variants"]),
         "",
@@ -1039,7 +1135,8 @@ def write(results: dict[str, Any], out: Path) -> None:
             "## MobileNet-style network (macro space), INT8 side by side",
             "",
             f"Spec {json.dumps(m['spec'])}, {m['macs'] / 1e6:.1f} M MACs, {m['params']} params, "
-            f"{m['variants']['fp32']['epochs']} epochs.",
+            f"{m['variants']['fp32']['epochs']} epochs. INT8 QAT: "
+            f"{m['variants']['int8_qat'].get('recipe', '-')}.",
             "",
             *_table(m["variants"]),
         ]
@@ -1092,6 +1189,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--mobilenet-lr", type=float, default=0.2)
     ap.add_argument("--mobilenet-samples", type=int, default=50000, help="train images")
+    ap.add_argument("--mobilenet-qat-epochs", type=int, default=2)
+    ap.add_argument("--mobilenet-qat-samples", type=int, default=50000)
+    ap.add_argument("--mobilenet-qat-lr", type=float, default=0.002)
+    ap.add_argument(
+        "--mobilenet-qat-freeze-bn",
+        type=float,
+        default=0.5,
+        help="share of the QAT steps after which BN statistics stop updating (1 = never)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=400, help="per round at batch 1 (/4 at 32)")
@@ -1104,6 +1210,7 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs = args.student_epochs = args.mobilenet_epochs = 1
         args.seeds, args.prune_steps, args.prune_finetune_epochs = 2, 2, 1
         args.prune_final_epochs, args.qat_samples = 1, 512
+        args.mobilenet_qat_epochs = 1
         args.student_samples = args.prune_samples = args.mobilenet_samples = 1000
         args.max_per_class, args.max_test, args.repeats, args.rounds = 100, 500, 5, 1
     if args.phase in ("train", "all"):

@@ -78,6 +78,64 @@ def test_qat_with_callback_and_reduce_range() -> None:
     assert accuracy(result.model, xt, yt) > 0.85
 
 
+def _bn_buffers(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in gm.named_buffers() if "running" in k or "mean" in k}
+
+
+def test_freeze_bn_stats_keeps_running_statistics_while_training() -> None:
+    x, y, xt, yt = digits()
+    prepared = qat.prepare_qat(trained_tiny(), torch.from_numpy(x[:8]), reduce_range=False)
+    before = _bn_buffers(prepared)
+    assert before, "the prepared graph carries BatchNorm running statistics"
+    assert qat.freeze_bn_stats(prepared) > 0
+    assert qat.freeze_bn_stats(prepared) == 0  # already frozen
+    # train-mode forward + an SGD step: weights move, the running statistics do not
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.01)
+    loss = torch.nn.functional.cross_entropy(
+        prepared(torch.from_numpy(x[:64])), torch.from_numpy(y[:64])
+    )
+    loss.backward()
+    opt.step()
+    after = _bn_buffers(prepared)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # a frozen graph computes what the eval graph computes on the same weights and scales
+    prepared.apply(qat.disable_observer)
+    xb = torch.from_numpy(xt[:32])
+    with torch.no_grad():
+        frozen_out = prepared(xb)
+        qat.move_exported_model_to_eval(prepared)
+        assert torch.allclose(frozen_out, prepared(xb), atol=1e-5)
+
+
+def test_finetune_freezes_bn_after_the_given_epoch() -> None:
+    x, y, xt, yt = digits()
+    prepared = qat.prepare_qat(trained_tiny(), torch.from_numpy(x[:8]), reduce_range=False)
+    qat.finetune_qat(prepared, x[:256], y[:256], epochs=1, freeze_bn_after_epochs=0)
+    qat.move_exported_model_to_train(prepared)
+    frozen = _bn_buffers(prepared)
+    qat.finetune_qat(prepared, x[:256], y[:256], epochs=1, freeze_bn_after_epochs=0)
+    assert all(torch.equal(frozen[k], v) for k, v in _bn_buffers(prepared).items())
+    unfrozen = qat.prepare_qat(trained_tiny(), torch.from_numpy(x[:8]), reduce_range=False)
+    start = _bn_buffers(unfrozen)
+    qat.finetune_qat(unfrozen, x[:256], y[:256], epochs=1)
+    assert any(not torch.equal(start[k], v) for k, v in _bn_buffers(unfrozen).items())
+    assert accuracy(qat.convert_qat(prepared), xt, yt) > 0.85
+
+
+def test_quantizing_leaves_the_float_model_untouched() -> None:
+    """QAT trains its own copy: a PTQ of the same model afterwards sees the float weights."""
+    import copy
+
+    x, y, _, _ = digits()
+    model = copy.deepcopy(trained_tiny()).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qat.quantize_qat(model, torch.from_numpy(x[:8]), (x[:256], y[:256]), epochs=1, lr=0.05)
+    qat.ptq(model, torch.from_numpy(x[:8]), x[:128], reduce_range=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training  # the caller's mode is not switched either
+
+
 def test_ptq_beside_qat() -> None:
     x, y, xt, yt = digits()
     model = trained_tiny()

@@ -190,6 +190,11 @@ class QatParams(_Section):
     epochs: int = Field(3, ge=0)
     lr: float = Field(0.002, gt=0)
     batch_size: int = Field(64, ge=1)
+    freeze_bn_after_epochs: int | None = Field(
+        None,
+        ge=0,
+        description="epochs after which BatchNorm statistics stop updating (null: never)",
+    )
 
 
 class BenchmarkParams(_Section):

@@ -26,6 +26,7 @@ so that stages can record it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import io
 import json
@@ -320,9 +321,17 @@ def _batch_dynamic_shapes() -> tuple[dict[int, Any]]:
 
 
 def export_graph(model: nn.Module, example_input: torch.Tensor) -> GraphModule:
-    """Capture ``model`` as an ATen GraphModule with a dynamic batch dimension."""
+    """Capture ``model`` (in eval mode) as an ATen GraphModule with a dynamic batch dimension.
+
+    The graph gets its own copy of the weights: ``torch.export`` shares parameter and buffer
+    tensors with the module it captures, so QAT fine-tuning the graph (or folding BN into it)
+    would otherwise rewrite the caller's float model in place. Measured before this copy: a
+    PTQ run after QAT of the same model quantized the QAT-trained weights, not the float ones.
+    The caller's model, its weights and its train/eval mode are left as they were.
+    """
+    own = copy.deepcopy(model).eval()
     ep = torch.export.export(
-        model, (_example(example_input),), dynamic_shapes=_batch_dynamic_shapes()
+        own, (_example(example_input),), dynamic_shapes=_batch_dynamic_shapes()
     )
     return ep.module()
 
@@ -347,12 +356,42 @@ def prepare_qat(
         :class:`QuantScheme` dict.
     """
     scheme = detect_quant_scheme("qat", reduce_range)
-    model = model.eval()  # export in eval; move_exported_model_to_train flips BN/dropout after
+    # exported in eval mode; move_exported_model_to_train flips BN/dropout after
     gm = export_graph(model, example_input)
     prepared = prepare_qat_pt2e(gm, make_quantizer(True, scheme.reduce_range, conv_add_fusion))
     prepared.meta[_META_KEY] = scheme.as_dict() | {"conv_add_fusion": conv_add_fusion}
     move_exported_model_to_train(prepared)
     return prepared
+
+
+_BATCH_NORM_OPS = (
+    torch.ops.aten.batch_norm.default,
+    torch.ops.aten._native_batch_norm_legit.default,
+    torch.ops.aten.cudnn_batch_norm.default,
+)
+
+
+def freeze_bn_stats(prepared: GraphModule) -> int:
+    """Stop BatchNorm statistics updating in a QAT-prepared graph that stays in train mode.
+
+    The usual late-QAT step: with small fine-tuning batches the batch statistics are noisy, and
+    the simulated conv-BN folding then uses a scale that differs from the running-statistics
+    scale the converted model folds in. Freezing makes training see the deployed folding while
+    weights and fake-quant still train. (``move_exported_model_to_train`` undoes it.)
+
+    Returns:
+        How many BatchNorm nodes were frozen.
+    """
+    count = 0
+    for node in prepared.graph.nodes:
+        if node.op == "call_function" and node.target in _BATCH_NORM_OPS:
+            args = list(node.args)
+            if args[5] is True:  # (input, weight, bias, mean, var, training, momentum, eps...)
+                args[5] = False
+                node.args = tuple(args)
+                count += 1
+    prepared.recompile()
+    return count
 
 
 @_with_fast_capture
@@ -365,11 +404,14 @@ def finetune_qat(
     batch_size: int = 64,
     seed: int = 0,
     freeze_observers_last_epoch: bool = True,
+    freeze_bn_after_epochs: int | None = None,
 ) -> list[float]:
     """Fine-tune a QAT-prepared graph with SGD+momentum and cross-entropy.
 
     Observers are frozen for the last epoch (when ``epochs > 1``) so the scales stop moving and
-    the weights adapt to the final quantization grid, the usual QAT recipe.
+    the weights adapt to the final quantization grid, the usual QAT recipe. With
+    ``freeze_bn_after_epochs=k`` BatchNorm statistics also stop updating from epoch ``k`` on
+    (see :func:`freeze_bn_stats`).
 
     Returns:
         The mean training loss per epoch.
@@ -383,6 +425,8 @@ def finetune_qat(
     for epoch in range(epochs):
         if freeze_observers_last_epoch and epochs > 1 and epoch == epochs - 1:
             prepared.apply(disable_observer)
+        if freeze_bn_after_epochs is not None and epoch == freeze_bn_after_epochs:
+            freeze_bn_stats(prepared)
         perm = torch.randperm(len(xt), generator=gen)
         total, count = 0.0, 0
         for i in range(0, len(xt), batch_size):
@@ -438,6 +482,7 @@ def quantize_qat(
     reduce_range: bool | None = None,
     seed: int = 0,
     conv_add_fusion: bool = False,
+    freeze_bn_after_epochs: int | None = None,
 ) -> QuantResult:
     """Run INT8 QAT end to end: prepare, fine-tune, convert.
 
@@ -447,7 +492,8 @@ def quantize_qat(
         train: either a callback that fine-tunes the prepared graph in place (it gets the
             graph in train mode; use ``torchao.quantization.pt2e.move_exported_model_to_eval``
             and not ``.eval()`` for evaluation), or ``(x, y)`` numpy arrays for the built-in loop.
-        epochs, lr, batch_size, seed: settings of the built-in loop.
+        epochs, lr, batch_size, seed, freeze_bn_after_epochs: settings of the built-in loop
+            (see :func:`finetune_qat`).
         reduce_range: None to detect from the CPU, or force it.
         conv_add_fusion: see :func:`make_quantizer` (False: runtime-friendly QDQ graph).
 
@@ -461,7 +507,14 @@ def quantize_qat(
     else:
         x, y = train
         losses = finetune_qat(
-            prepared, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed
+            prepared,
+            x,
+            y,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            freeze_bn_after_epochs=freeze_bn_after_epochs,
         )
     converted = convert_qat(prepared)
     return QuantResult(converted, converted.meta[_META_KEY], losses)
@@ -491,7 +544,7 @@ def ptq(
         The converted model and the scheme used.
     """
     scheme = detect_quant_scheme("ptq", reduce_range)
-    gm = export_graph(model.eval(), example_input)
+    gm = export_graph(model, example_input)
     prepared = prepare_pt2e(gm, make_quantizer(False, scheme.reduce_range, conv_add_fusion))
     prepared.meta[_META_KEY] = scheme.as_dict() | {"conv_add_fusion": conv_add_fusion}
     move_exported_model_to_eval(prepared)

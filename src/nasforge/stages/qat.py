@@ -37,6 +37,7 @@ def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult
         lr=qp.lr,
         batch_size=qp.batch_size,
         seed=params.run.seed,
+        freeze_bn_after_epochs=qp.freeze_bn_after_epochs,
     )
     output.mkdir(parents=True, exist_ok=True)
     save_quantized(result.model, example, output / QUANTIZED, meta={"scheme": result.scheme})
