@@ -64,13 +64,17 @@ STAGE_RESOURCES: dict[str, Resources] = {
 NO_RETRY = frozenset({"promote"})
 
 
-def configure(task: dsl.PipelineTask, stage: str, *, gpu: bool = False) -> dsl.PipelineTask:
+def configure(
+    task: dsl.PipelineTask, stage: str, *, gpu: bool = False, retry: bool = True
+) -> dsl.PipelineTask:
     """Apply the cluster settings of ``stage`` to ``task``.
 
     Args:
         task: The pipeline task.
         stage: Key of :data:`STAGE_RESOURCES`.
         gpu: Run on a GPU node: GPU image, one ``nvidia.com/gpu``, node selector and toleration.
+        retry: Retry a failed attempt with backoff (cluster: pre-emption, image pulls, a flaky
+            object store); off for local runs, where a failure is bad input or a bug.
 
     Returns:
         The same task, for chaining.
@@ -78,7 +82,7 @@ def configure(task: dsl.PipelineTask, stage: str, *, gpu: bool = False) -> dsl.P
     res = STAGE_RESOURCES[stage]
     task.set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
     task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
-    if stage not in NO_RETRY:
+    if retry and stage not in NO_RETRY:
         task.set_retry(
             num_retries=RETRIES,
             backoff_duration=BACKOFF,

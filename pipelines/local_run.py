@@ -4,17 +4,30 @@ Before any task starts, the configuration, the dataset path, the targets and the
 are checked, so bad input fails in one line instead of half-way through the DAG. Relative paths of
 the tracking store and the DVC remote are made absolute, because KFP tasks run as separate
 processes. The report and summary are copied to ``runs/<run-id>/`` and ``runs/latest/``.
+
+An unfinished run (killed at any moment, interrupted, or failed) is resumed by running the same
+command again; ``nasforge run --fresh`` starts over instead (see :func:`run_local`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
+from nasforge import checkpoint
 from nasforge.config import Params, load_params
 from nasforge.errors import DataError, NasforgeError
+
+#: Under the runs folder: one sub-folder per unfinished run (state, kfp.local cache, work folders).
+RESUME_DIR = ".resume"
+STATE_FILE = "state.json"
 
 
 def _absolute_uri(uri: str) -> str:
@@ -60,8 +73,114 @@ def _publish(report_dir: Path, runs_dir: Path) -> tuple[Path, dict]:
     return dest, summary
 
 
-def run_local(params_path: str | Path, runs_dir: str | Path = "runs") -> dict:
+# --- resume ---------------------------------------------------------------------------------
+
+
+def _code_digest() -> str:
+    """Digest of nasforge's own code: a run resumed after a code change could mix two versions."""
+    import nasforge
+    import nasforge.components
+    import nasforge.pipelines
+
+    h = hashlib.sha256()
+    for pkg in (nasforge, nasforge.components, nasforge.pipelines):
+        root = Path(pkg.__file__).parent
+        for f in sorted(root.rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _dataset_fingerprint(source: str) -> str:
+    """Size and modification time of the dataset's files (a changed dataset is a new run)."""
+    if source == "digits":
+        return "digits"
+    path = Path(source)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def run_identity(params: Params) -> str:
+    """What makes two ``nasforge run`` invocations the same run: params, code and dataset."""
+    h = hashlib.sha256()
+    for part in (params.to_json(), _code_digest(), _dataset_fingerprint(params.data.source)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _read_state(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_state(folder: Path, state: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, folder / STATE_FILE)
+
+
+def _close_abandoned(resume_root: Path, uri: str, keep: Path) -> None:
+    """Mark the MLflow runs of killed, unfinished runs KILLED (not RUNNING forever).
+
+    Their state stays: running the same params again still resumes them.
+    """
+    from nasforge.tracking.mlflow_runs import close_run
+
+    for folder in resume_root.glob("*"):
+        state = _read_state(folder)
+        if folder == keep or not state or state.get("status") != "running":
+            continue
+        if checkpoint.pid_alive(int(state.get("pid", 0))):
+            continue
+        with contextlib.suppress(Exception):
+            close_run(uri, state["parent_run_id"], "KILLED")
+        _write_state(folder, {**state, "status": "killed"})
+
+
+def _failed_stage(error_log: Path) -> str | None:
+    """``'<stage>: <its one-line error>'`` of the last stage that failed, if one said why."""
+    try:
+        lines = [ln for ln in error_log.read_text().splitlines() if ln.strip()]
+        last = json.loads(lines[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return f"{last['stage']}: {last['error']}"
+
+
+def _raise_on_sigterm() -> None:
+    """SIGTERM (a CI timeout, `kill`) ends the run like Ctrl-C: state kept, run resumable."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        signal.signal(signal.SIGTERM, handler)
+
+
+def run_local(params_path: str | Path, runs_dir: str | Path = "runs", fresh: bool = False) -> dict:
     """Run the full DAG with ``kfp.local`` and publish its report.
+
+    A run that did not finish (killed, interrupted, or failed) is continued by running the same
+    command again: same params, code and dataset give the same run, whose finished tasks are
+    taken from kfp.local's cache and whose unfinished stages continue from their work folders
+    (the search from its study and supernet checkpoint, training from its last epoch). A task
+    that fails is not retried here: the failure is bad input or a bug, and the last line names
+    the stage and its error.
+
+    Args:
+        params_path: The params file.
+        runs_dir: Where runs are published (``<run-id>/``, ``latest/``), task outputs written
+            (``kfp-local/``) and unfinished runs kept (``.resume/``: state, kfp.local's task
+            cache, the stages' work folders).
+        fresh: Start anew even if an unfinished run with the same params exists.
 
     Returns:
         The run's summary.
@@ -71,36 +190,94 @@ def run_local(params_path: str | Path, runs_dir: str | Path = "runs") -> dict:
     """
     import kfp.local
 
+    from nasforge.stages.runner import ERROR_LOG_ENV, PARENT_PID_ENV
+    from nasforge.tracking.mlflow_runs import close_run, open_parent_run, reopen_run
+
     params = preflight(load_params(params_path))
     runs_dir = Path(runs_dir).absolute()
     runs_dir.mkdir(parents=True, exist_ok=True)
+    tp = params.tracking
+    identity = run_identity(params)
+    resume_root = runs_dir / RESUME_DIR
+    folder = resume_root / identity[:16]
+    state = _read_state(folder)
+    if (
+        state
+        and state.get("status") == "running"
+        and checkpoint.pid_alive(int(state.get("pid", 0)))
+    ):
+        if int(state["pid"]) != os.getpid():
+            raise NasforgeError(
+                f"run {state['run_name']} with these params is already running (pid {state['pid']})"
+            )
+    _close_abandoned(resume_root, tp.uri, keep=folder)
+    resumed = False
+    if state and not fresh and reopen_run(tp.uri, state["parent_run_id"]):
+        run_name, parent = state["run_name"], state["parent_run_id"]
+        resumed = True
+    else:
+        if state:
+            with contextlib.suppress(Exception):
+                close_run(tp.uri, state["parent_run_id"], "KILLED")
+        shutil.rmtree(folder, ignore_errors=True)
+        run_name = f"{params.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        parent = open_parent_run(tp.uri, tp.experiment, run_name, params.model_dump(mode="json"))
+    state = {
+        "run_name": run_name,
+        "parent_run_id": parent,
+        "identity": identity,
+        "params": str(Path(params_path).absolute()),
+        "status": "running",
+        "pid": os.getpid(),
+        "started": time.time(),
+    }
+    _write_state(folder, state)
+    error_log = folder / "errors.jsonl"
+    error_log.write_text("")
+    os.environ[checkpoint.WORK_ROOT_ENV] = str(folder / "work")
+    os.environ[ERROR_LOG_ENV] = str(error_log)
+    os.environ[PARENT_PID_ENV] = str(os.getpid())
     kfp.local.init(
-        runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(runs_dir / "kfp-local")
+        runner=kfp.local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(runs_dir / "kfp-local"),
+        enable_caching=True,  # what a resumed run finds here was finished by this run
+        cache_root=str(folder / "kfp-cache"),
     )
     from nasforge.pipelines.nasforge_pipeline import build_pipeline, pipeline_arguments
 
-    run_name = f"{params.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    verb = "resuming" if resumed else "nasforge run"
     print(
-        f"==> nasforge run {run_name}: {len(params.targets)} target(s) {params.targets}, dataset {params.data.source}",
+        f"==> {verb} {run_name}: {len(params.targets)} target(s) {params.targets}, dataset {params.data.source}",
         flush=True,
     )
-    t0 = time.perf_counter()
-    from nasforge.tracking.mlflow_runs import close_run, open_parent_run
-
-    tp = params.tracking
-    parent = open_parent_run(tp.uri, tp.experiment, run_name, params.model_dump(mode="json"))
     print(f"==> MLflow parent run {parent}", flush=True)
+    t0 = time.perf_counter()
+    _raise_on_sigterm()
     try:
-        task = build_pipeline(params.targets)(
+        task = build_pipeline(params.targets, retry=False)(
             params_json=params.to_json(),
             **pipeline_arguments(params.targets),
             run_name=run_name,
             parent_run_id=parent,
         )
     except RuntimeError as err:  # kfp.local reports a failed task this way; its log is above
+        _write_state(folder, {**state, "status": "failed"})
         close_run(tp.uri, parent, "FAILED")
-        raise NasforgeError(f"pipeline failed: {str(err).splitlines()[0]}") from None
+        print(f"==> run {run_name} stopped; the same command resumes it", file=sys.stderr)
+        cause = _failed_stage(error_log) or f"pipeline failed: {str(err).splitlines()[0]}"
+        raise NasforgeError(cause) from None
+    except KeyboardInterrupt:
+        _write_state(folder, {**state, "status": "interrupted"})
+        with contextlib.suppress(Exception):
+            close_run(tp.uri, parent, "KILLED")
+        print(f"==> run {run_name} interrupted; the same command resumes it", file=sys.stderr)
+        raise
+    finally:
+        for name in (checkpoint.WORK_ROOT_ENV, ERROR_LOG_ENV, PARENT_PID_ENV):
+            os.environ.pop(name, None)
     dest, summary = _publish(Path(task.output.path), runs_dir)
+    # Finished: the task outputs stay in runs/kfp-local; the cache and work folders can go.
+    shutil.rmtree(folder, ignore_errors=True)
     print(f"==> pipeline finished in {time.perf_counter() - t0:.0f}s", flush=True)
     for target, s in summary["targets"].items():
         acc = f"{s['accuracy']:.4f}" if s.get("accuracy") is not None else "-"

@@ -17,6 +17,7 @@ consumed inside another loop does not compile).
 """
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from kfp import compiler, dsl
@@ -33,7 +34,7 @@ from nasforge.components.report import report
 from nasforge.components.search import search
 from nasforge.components.train import train
 from nasforge.errors import ConfigError
-from nasforge.pipelines.cluster import configure
+from nasforge.pipelines.cluster import configure as configure_task
 
 PIPELINE_NAME = "nasforge"
 DESCRIPTION = "Hardware-aware NAS, compression and promotion per target"
@@ -58,8 +59,9 @@ def split_targets(targets: Sequence[str]) -> tuple[list[str], list[str]]:
     return cpu, gpu
 
 
-def _dag(params_json, parent, cpu_targets, gpu_targets):
+def _dag(params_json, parent, cpu_targets, gpu_targets, retry=True):
     """Add every task; ``cpu_targets``/``gpu_targets`` are loop channels or None (no such loop)."""
+    configure = partial(configure_task, retry=retry)
     data = configure(prepare_data(params_json=params_json, parent_run_id=parent), "prepare-data")
     found = configure(
         search(params_json=params_json, parent_run_id=parent, dataset=data.outputs["dataset"]),
@@ -133,8 +135,12 @@ def _dag(params_json, parent, cpu_targets, gpu_targets):
     return reported.outputs["report"]
 
 
-def build_pipeline(targets: Sequence[str]):
+def build_pipeline(targets: Sequence[str], *, retry: bool = True):
     """The pipeline for these targets (their list is the default of its target parameters).
+
+    ``retry=False`` builds it without task retries, for ``nasforge run``: on one machine a failed
+    task failed on bad input or a bug, and running it again only delays the error (a killed
+    run is continued by running it again instead).
 
     Pipeline parameters: ``params_json`` (``params.yaml`` as JSON), ``targets`` (CPU-node targets,
     if any), ``gpu_targets`` (GPU-node targets, if any), ``run_name``, ``parent_run_id`` (the
@@ -156,7 +162,7 @@ def build_pipeline(targets: Sequence[str]):
             run_name: str = "nasforge",
             parent_run_id: str = "",
         ) -> Artifact:
-            return _dag(params_json, parent_run_id, targets, gpu_targets)
+            return _dag(params_json, parent_run_id, targets, gpu_targets, retry)
 
     elif cpu:
 
@@ -166,7 +172,7 @@ def build_pipeline(targets: Sequence[str]):
             run_name: str = "nasforge",
             parent_run_id: str = "",
         ) -> Artifact:
-            return _dag(params_json, parent_run_id, targets, None)
+            return _dag(params_json, parent_run_id, targets, None, retry)
 
     else:
 
@@ -176,7 +182,7 @@ def build_pipeline(targets: Sequence[str]):
             run_name: str = "nasforge",
             parent_run_id: str = "",
         ) -> Artifact:
-            return _dag(params_json, parent_run_id, None, gpu_targets)
+            return _dag(params_json, parent_run_id, None, gpu_targets, retry)
 
     return deco(nasforge_pipeline)
 

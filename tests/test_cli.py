@@ -107,6 +107,29 @@ def test_run_rejects_bad_input_before_starting(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("command", ["prepare-data", "run"])
+def test_empty_params_file_is_refused(tmp_path, command):
+    """An empty file would run every default (no accuracy budget) and could move a champion."""
+    (tmp_path / "p.yaml").write_text("# nothing here\n")
+    args = ["--params", "p.yaml"] + (["--output", "out"] if command != "run" else [])
+    proc = _run([command, *args], tmp_path)
+    _assert_one_line_error(proc, "p.yaml", "empty")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_run_on_a_corrupt_dataset_fails_at_once_naming_the_stage(tmp_path):
+    """Through kfp.local: no retries, and the last line is the stage's own one-line error."""
+    (tmp_path / "data.npz").write_bytes(bytes(range(256)) * 64)  # not a zip archive
+    (tmp_path / "p.yaml").write_text("data:\n  source: data.npz\n")
+    proc = _run(["run", "--params", "p.yaml"], tmp_path)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: prepare-data: ") and "data.npz" in last, last
+    assert "Retrying" not in proc.stdout + proc.stderr
+    assert "[search] started" not in proc.stdout
+    assert not (tmp_path / "runs" / "latest").exists()
+
+
 def test_profile_builds_a_calibrated_table(tmp_path):
     import json
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -104,18 +106,55 @@ def test_cpu_only_targets_compile_without_a_gpu_loop(tmp_path):
         check_package_targets(COMPILED, ["onnxruntime-cpu"])
 
 
+def _kill_run_during_search(cmd: list[str], cwd: Path, env: dict) -> str:
+    """Start ``nasforge run``, SIGKILL it in the middle of the search; return what it printed.
+
+    Also checks that its tasks do not go on as orphans once it is gone.
+    """
+    import psutil
+
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen, children = [], []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if "search trial 3/6" in line:
+            children = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    out = "".join(seen)
+    assert proc.returncode == -signal.SIGKILL, out[-4000:]
+    assert children, "the search task was not running"
+    _, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, f"tasks of the killed run are still running: {alive}"
+    return out
+
+
 @pytest.mark.slow
 def test_whole_dag_runs_with_kfp_local(tmp_path):
-    """End to end: nasforge run on tiny settings (2 candidates x 2 targets), then check outputs."""
+    """End to end: nasforge run on tiny settings (2 candidates x 2 targets), then check outputs.
+
+    The first attempt is killed (SIGKILL) in the middle of the search; running the same command
+    again resumes it: prepare-data is not run again and the search keeps its finished trials.
+    """
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "nasforge"), "run", "--params", "params.yaml"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env,
-    )  # fmt: skip
+    cmd = [str(Path(sys.executable).parent / "nasforge"), "run", "--params", "params.yaml"]
+    first = _kill_run_during_search(cmd, tmp_path, env)
+    assert "[prepare-data] done" in first
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "==> resuming" in proc.stdout
+    assert "[prepare-data] started" not in proc.stdout  # finished: taken from the run's cache
+    kept = int(re.search(r"resumed the search: (\d+) finished trials kept", proc.stdout).group(1))
+    assert kept >= 3
+    assert not (tmp_path / "runs" / ".resume").exists() or not any(
+        (tmp_path / "runs" / ".resume").iterdir()
+    ), "a finished run left its resume state behind"
     for stage in (
-        "prepare-data",
         "search",
         "train-cand-0",
         "train-cand-1",
@@ -135,6 +174,11 @@ def test_whole_dag_runs_with_kfp_local(tmp_path):
     # MLflow: one parent run with a nested run for every stage task, and the aliases.
     db = sqlite3.connect(tmp_path / "mlflow.db")
     parent = summary["run_id"]
+    parents = db.execute(
+        "select r.run_uuid, r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+        "where t.key = 'nasforge.kind' and t.value = 'pipeline'"
+    ).fetchall()
+    assert parents == [(parent, "FINISHED")], "the resumed run is the same MLflow run, closed"
     rows = db.execute(
         "select t.value, r.name from runs r join tags t on t.run_uuid = r.run_uuid "
         "where t.key = 'mlflow.parentRunId'"

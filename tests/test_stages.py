@@ -120,6 +120,7 @@ def test_export_files_parity_and_dynamic_batch(chain):
     doc = json.loads((chain["export"] / "export.json").read_text())
     for key, p in doc["parity"].items():
         assert p["top1_agreement"] >= 0.97, key
+    assert doc["parity_min_top1"] == chain["params"].export.parity_min_top1
     q = onnx.load(chain["export"] / "int8.onnx")
     ops = {n.op_type for n in q.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -150,6 +151,8 @@ def test_benchmark_promote_report(chain, tmp_path, monkeypatch):
             assert set(r["latency"]) == {"1", "4"} and r["latency"]["1"]["p50_ms"] > 0
             assert r["latency"]["4"]["throughput_ips"] > 0 and 0 < r["test_accuracy"] <= 1
             assert r["dvc_md5"].endswith(".dir")
+            runtime = "openvino" if target.startswith("openvino") else "onnxruntime"
+            assert r["parity"]["runtime"] == runtime and "top1_agreement" in r["parity"]
         assert doc["system"]["cpu_model"]
         benches.append(out)
     # promote needs an MLflow run to hold the registered files: tracking on, local SQLite.
@@ -173,6 +176,7 @@ def test_benchmark_promote_report(chain, tmp_path, monkeypatch):
             and s["promoted"]
             and s["size_bytes"] > 0
             and s["latency_p50_ms"] > 0
+            and s["rejected"] == []
         )
     html = (tmp_path / "report" / "report.html").read_text()
     assert "data:image/png;base64," in html and "onnxruntime-cpu" in html

@@ -87,9 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--promotion", type=Path, required=True)
     p.add_argument("--benchmarks", type=Path, nargs="+", required=True)
 
-    p = sub.add_parser("run", help="run the whole pipeline locally with kfp.local")
-    p.add_argument("--params", type=Path, default=Path("params.yaml"))
-    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    p = sub.add_parser(
+        "run",
+        help="run the whole pipeline locally with kfp.local",
+        description="Run the whole pipeline locally with kfp.local. A run that did not finish "
+        "(killed, interrupted or failed) is resumed by running the same command again: finished "
+        "tasks are not run again, the search keeps its trials and supernet, training continues "
+        "from its last epoch.",
+    )
+    p.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="the params file (params.yaml)"
+    )
+    p.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=Path("runs"),
+        help="where runs are published (<run-id>/, latest/) and unfinished runs kept (.resume/)",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start anew instead of resuming an unfinished run with the same params",
+    )
 
     p = sub.add_parser("pipeline", help="compile, submit or schedule the KFP pipeline")
     psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
@@ -403,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from nasforge.pipelines.local_run import run_local
 
-            run_local(args.params, args.runs_dir)
+            run_local(args.params, args.runs_dir, fresh=args.fresh)
             return 0
         if args.command == "pipeline":
             return _pipeline(args)

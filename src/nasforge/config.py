@@ -197,6 +197,18 @@ class QatParams(_Section):
     )
 
 
+class ExportParams(_Section):
+    """Export to ONNX / OpenVINO and its parity check (a promotion gate)."""
+
+    parity_min_top1: float = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="top-1 agreement with the torch model on the test split required of an "
+        "exported model (below it, the model is measured but never promoted)",
+    )
+
+
 class BenchmarkParams(_Section):
     """Measurement on each target."""
 
@@ -252,6 +264,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     prune: PruneParams = PruneParams()
     qat: QatParams = QatParams()
+    export: ExportParams = Field(default_factory=ExportParams)
     benchmark: BenchmarkParams = BenchmarkParams()
     budgets: BudgetParams = BudgetParams()
     promote: PromoteParams = PromoteParams()
@@ -328,11 +341,18 @@ def load_params(path: str | Path | None) -> Params:
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        # An empty file would silently run every default (no accuracy budget, say) and could
+        # move a champion alias: almost always a mistake (a truncated or wrong file).
+        raise ConfigError(
+            f"{path}: params file is empty; start from the shipped params.yaml (an explicit "
+            "`{}` runs the built-in defaults)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     return params_from_dict(data, str(path))

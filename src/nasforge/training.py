@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nasforge.checkpoint import EpochCheckpoint
+
 
 def iterate_minibatches(
     x: torch.Tensor,
@@ -83,8 +85,12 @@ def fit(
     kd_alpha: float = 0.7,
     label_smoothing: float = 0.0,
     on_epoch: Callable[[int, float], None] | None = None,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> list[float]:
     """Train with SGD + Nesterov and a one-cycle schedule; distil from ``teacher`` if given.
+
+    With ``checkpoint``, the state after every epoch is saved there and a rerun continues after
+    the last finished epoch, with the result of an uninterrupted run.
 
     Returns:
         Mean training loss per epoch.
@@ -99,8 +105,11 @@ def fit(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
     if teacher is not None:
         teacher.eval()
-    history = []
-    for epoch in range(epochs):
+    history: list[float] = []
+    first = 0
+    if checkpoint is not None:
+        first, history, _ = checkpoint.resume(model, opt, sched, np_rng=rng)
+    for epoch in range(first, epochs):
         model.train()
         total, n = 0.0, 0
         for xb, yb in iterate_minibatches(x, y, batch_size, rng):
@@ -118,6 +127,8 @@ def fit(
             total += loss.item() * len(xb)
             n += len(xb)
         history.append(total / max(n, 1))
+        if checkpoint is not None:
+            checkpoint.save(epoch, model, opt, sched, history, np_rng=rng)
         if on_epoch is not None:
             on_epoch(epoch, history[-1])
     model.eval()

@@ -163,6 +163,7 @@ def prune_structured(
     ignored_layers: Sequence[nn.Module | str] | None = None,
     grad_fn: Callable[[nn.Module], None] | None = None,
     round_to: int | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune whole channels (physically) in ``steps`` steps, fine-tuning after each.
 
@@ -181,6 +182,11 @@ def prune_structured(
         grad_fn: for Taylor importance, called before every step to compute gradients
             (e.g. ``loss.backward()`` on a few batches); gradients are zeroed before.
         round_to: keep channel counts multiples of this (SIMD-friendly), None for any count.
+        checkpoint_dir: make the schedule resumable: the weights after each step's fine-tuning
+            are saved here, and each step's fine-tuning runs with ``step-<k>/`` as the current
+            work folder (:func:`nasforge.checkpoint.current_work_dir`), so its own epoch
+            checkpoints land there. A rerun replays the finished steps (the same channels go,
+            since the weights they are chosen from are restored) without fine-tuning them again.
 
     Returns:
         The pruned model and a report: ``macs_before``, ``macs_after``, ``params_before``,
@@ -222,7 +228,7 @@ def prune_structured(
         macs, params = count_macs_params(model, example_input)
         history.append({"step": step + 1, "macs": macs, "params": params})
         if finetune is not None:
-            finetune(model)
+            _finetune_step(model, finetune, checkpoint_dir, step + 1)
     model.train(was_training)
     macs1, params1 = count_macs_params(model, example_input)
     report = {
@@ -238,6 +244,37 @@ def prune_structured(
         "steps": history,
     }
     return model, report
+
+
+def _finetune_step(
+    model: nn.Module,
+    finetune: Callable[[nn.Module], None],
+    checkpoint_dir: Path | None,
+    step: int,
+) -> None:
+    """Fine-tune after step ``step``, or restore its result when a killed run finished it."""
+    if checkpoint_dir is None:
+        finetune(model)
+        return
+    from nasforge.checkpoint import (
+        atomic_torch_save,
+        reset_current_work_dir,
+        set_current_work_dir,
+    )
+
+    done = Path(checkpoint_dir) / f"step-{step}.pt"
+    if done.is_file():
+        model.load_state_dict(torch.load(done, weights_only=True))
+        print(f"  resumed prune step {step} (fine-tuned before)", flush=True)
+        return
+    work = Path(checkpoint_dir) / f"step-{step}"
+    work.mkdir(parents=True, exist_ok=True)
+    token = set_current_work_dir(work)
+    try:
+        finetune(model)
+    finally:
+        reset_current_work_dir(token)
+    atomic_torch_save(model.state_dict(), done)
 
 
 # --- unstructured sparsity ----------------------------------------------------------------------

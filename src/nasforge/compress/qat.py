@@ -55,6 +55,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
     get_default_x86_inductor_quantization_config,
 )
 
+from nasforge.checkpoint import EpochCheckpoint
 from nasforge.errors import ModelFileError
 
 #: CPU flags (as spelled in /proc/cpuinfo) that provide u8*s8 dot products without saturation.
@@ -377,7 +378,8 @@ def freeze_bn_stats(prepared: GraphModule) -> int:
     The usual late-QAT step: with small fine-tuning batches the batch statistics are noisy, and
     the simulated conv-BN folding then uses a scale that differs from the running-statistics
     scale the converted model folds in. Freezing makes training see the deployed folding while
-    weights and fake-quant still train. (``move_exported_model_to_train`` undoes it.)
+    weights and fake-quant still train. It is one-way: ``move_exported_model_to_train`` does
+    not undo it (checked: a second call after it finds nothing left to freeze).
 
     Returns:
         How many BatchNorm nodes were frozen.
@@ -405,8 +407,13 @@ def finetune_qat(
     seed: int = 0,
     freeze_observers_last_epoch: bool = True,
     freeze_bn_after_epochs: int | None = None,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> list[float]:
     """Fine-tune a QAT-prepared graph with SGD+momentum and cross-entropy.
+
+    With ``checkpoint`` the state after each epoch (weights, fake-quant scales and observer
+    switches, optimizer, shuffling generator) is saved, and a rerun on a graph prepared the same
+    way continues after the last finished epoch.
 
     Observers are frozen for the last epoch (when ``epochs > 1``) so the scales stop moving and
     the weights adapt to the final quantization grid, the usual QAT recipe. With
@@ -422,7 +429,15 @@ def finetune_qat(
     opt = torch.optim.SGD(prepared.parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
     move_exported_model_to_train(prepared)
     losses: list[float] = []
-    for epoch in range(epochs):
+    first = 0
+    if checkpoint is not None:
+        first, losses, extra = checkpoint.resume(prepared, opt)
+        if "generator" in extra:
+            gen.set_state(extra["generator"])
+        # Graph edits are not in the state dict: redo the BN freeze an earlier epoch made.
+        if freeze_bn_after_epochs is not None and first > freeze_bn_after_epochs:
+            freeze_bn_stats(prepared)
+    for epoch in range(first, epochs):
         if freeze_observers_last_epoch and epochs > 1 and epoch == epochs - 1:
             prepared.apply(disable_observer)
         if freeze_bn_after_epochs is not None and epoch == freeze_bn_after_epochs:
@@ -440,6 +455,10 @@ def finetune_qat(
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         losses.append(total / max(count, 1))
+        if checkpoint is not None:
+            checkpoint.save(
+                epoch, prepared, opt, history=losses, extra={"generator": gen.get_state()}
+            )
     move_exported_model_to_eval(prepared)
     return losses
 
@@ -483,6 +502,7 @@ def quantize_qat(
     seed: int = 0,
     conv_add_fusion: bool = False,
     freeze_bn_after_epochs: int | None = None,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> QuantResult:
     """Run INT8 QAT end to end: prepare, fine-tune, convert.
 
@@ -496,6 +516,8 @@ def quantize_qat(
             (see :func:`finetune_qat`).
         reduce_range: None to detect from the CPU, or force it.
         conv_add_fusion: see :func:`make_quantizer` (False: runtime-friendly QDQ graph).
+        checkpoint: resume the built-in loop from its last finished epoch (see
+            :func:`finetune_qat`).
 
     Returns:
         The converted model, the scheme used and the losses.
@@ -515,6 +537,7 @@ def quantize_qat(
             batch_size=batch_size,
             seed=seed,
             freeze_bn_after_epochs=freeze_bn_after_epochs,
+            checkpoint=checkpoint,
         )
     converted = convert_qat(prepared)
     return QuantResult(converted, converted.meta[_META_KEY], losses)

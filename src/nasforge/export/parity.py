@@ -2,7 +2,8 @@
 
 The export stage calls :func:`check_parity` on the test split: FP32 ONNX vs the float torch
 model, INT8 QDQ ONNX vs the converted (quantize/dequantize) torch model. The bar is >= 99% top-1
-agreement (:data:`PARITY_TOP1`).
+agreement by default (:data:`PARITY_TOP1`; the pipeline's is ``export.parity_min_top1``), and
+promotion rejects a model below it.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def check_parity(
     batch_size: int = 256,
     ov_precision: str | None = "f32",
     threads: int | None = None,
+    min_top1: float = PARITY_TOP1,
 ) -> dict[str, Any]:
     """Compare a torch model with its exported form on inputs ``x``.
 
@@ -90,9 +92,11 @@ def check_parity(
         batch_size: inference batch size (the last batch is smaller: dynamic batch is exercised).
         ov_precision: OpenVINO inference precision hint (f32 so FP32 is really FP32).
         threads: runtime threads (None = runtime default).
+        min_top1: top-1 agreement needed to pass.
 
     Returns:
-        ``{"top1_agreement", "max_abs_diff", "n", "runtime", "passed"}``.
+        ``{"top1_agreement", "max_abs_diff", "n", "runtime", "passed", "min_top1"}``;
+        ``passed`` is ``top1_agreement >= min_top1``.
     """
     fn = _torch_callable(torch_fn)
     run = runtime_runner(model_path, runtime, ov_precision, threads)
@@ -114,5 +118,6 @@ def check_parity(
         "max_abs_diff": max_diff,
         "n": n,
         "runtime": runtime,
-        "passed": bool(top1 >= PARITY_TOP1),
+        "passed": bool(top1 >= min_top1),
+        "min_top1": float(min_top1),
     }

@@ -83,6 +83,10 @@ def render(
             "promoted": "yes" if s.get("promoted") else "no",
             "champion": f"v{s['champion_version']}" if s.get("champion_version") else "-",
             "why": s.get("reason", ""),
+            "rejected": "; ".join(
+                f"{x['candidate']}/{x['precision']}: {x['reason']}" for x in s.get("rejected", [])
+            )
+            or "-",
         }
         for t, s in summary["targets"].items()
     ]

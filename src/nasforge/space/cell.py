@@ -97,8 +97,12 @@ class Cell(nn.Module):
                 k += 1
                 if out is not None:
                     total = out if total is None else total + out
-            # A node with only 'none' inputs is all zeros (as in NAS-Bench-201).
-            nodes.append(total if total is not None else torch.zeros_like(x))
+            # A node with only 'none' inputs is all zeros (as in NAS-Bench-201). It is written
+            # ``x * 0``, not ``zeros_like(x)``: a zeros_like tensor has no autograd history, so
+            # Torch-Pruning's dependency graph saw the ops reading that node as unconnected to
+            # ``x`` and left their input channels unpruned while ``x`` lost channels (the
+            # 'expected input[1, 12, 8, 8] to have 16 channels' crash of ~10% of the cells).
+            nodes.append(total if total is not None else x * 0.0)
         return nodes[-1]
 
 

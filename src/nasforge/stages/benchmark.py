@@ -5,6 +5,8 @@ runtime), latency p50/p90/p99 after warm-up and throughput per batch size, model
 memory. Table targets (``table:<column>``) cannot run models: their latency is the table's value
 for the architecture (labelled ``source: table``) and accuracy is measured with ONNX Runtime.
 The models measured are copied into the output so promotion registers exactly these files.
+Each precision's result carries the export's parity check of the runtime measured (``parity``,
+absent when the export has none), which promotion requires to pass.
 Output: one sub-folder per candidate (``<candidate>/benchmark.json`` and ``<candidate>/model/``).
 """
 
@@ -62,6 +64,22 @@ def run(
     )
 
 
+def _parity(export: dict[str, Any], runtime: str, precision: str) -> dict[str, Any] | None:
+    """The export's parity check of ``runtime``/``precision`` (None when it has none)."""
+    p = (export.get("parity") or {}).get(f"{runtime}/{precision}")
+    if not p:
+        return None
+    min_top1 = p.get("min_top1", export.get("parity_min_top1"))
+    return {
+        "runtime": runtime,
+        "top1_agreement": p["top1_agreement"],
+        "max_abs_diff": p.get("max_abs_diff"),
+        "n": p.get("n"),
+        "passed": p.get("passed"),
+        "min_top1": min_top1,
+    }
+
+
 def benchmark_one(params: Params, data, exported: Path, t, output_root: Path) -> dict[str, Any]:
     """Benchmark one export folder on target ``t``; write ``<output_root>/<candidate>/``."""
     f = Path(exported) / EXPORT_JSON
@@ -108,6 +126,9 @@ def benchmark_one(params: Params, data, exported: Path, t, output_root: Path) ->
             "energy": energy_per_inference(t, p50_b1),
             "files": [f"model/{precision}/{s.name}" for s in files],
         }
+        parity = _parity(export, runtime, precision)
+        if parity is not None:
+            results[precision]["parity"] = parity
     doc = {
         "target": t.describe(),
         "candidate": export["candidate"],

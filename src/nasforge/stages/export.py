@@ -1,5 +1,9 @@
 """export: ONNX (fp32 and INT8 QDQ, dynamic batch) and OpenVINO IR of one candidate, each checked
-for parity with its torch counterpart on the test split."""
+for parity with its torch counterpart on the test split.
+
+Parity below ``export.parity_min_top1`` does not fail the stage (it is a measurement): it is
+recorded in ``export.json`` and promotion rejects that runtime/precision.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 from nasforge.compress.qat import load_quantized
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
-from nasforge.errors import ModelFileError
+from nasforge.errors import ModelFileError, naming_architecture
 from nasforge.export.onnx import export_fp32, export_int8
 from nasforge.export.openvino import to_openvino_ir
 from nasforge.export.parity import check_parity
@@ -49,20 +53,23 @@ def run(params: Params, dataset: Path, model: Path, quantized: Path, output: Pat
     x_test, _ = data.numpy("test")
     example = torch.from_numpy(x_test[:2])
     output.mkdir(parents=True, exist_ok=True)
-    export_fp32(net, example, output / FILES[("onnxruntime", "fp32")])
-    export_int8(qprog, example, output / FILES[("onnxruntime", "int8")])
-    for precision in ("fp32", "int8"):
-        to_openvino_ir(
-            output / FILES[("onnxruntime", precision)], output / FILES[("openvino", precision)]
-        )
+    with naming_architecture("export", meta["arch_str"]):
+        export_fp32(net, example, output / FILES[("onnxruntime", "fp32")])
+        export_int8(qprog, example, output / FILES[("onnxruntime", "int8")])
+        for precision in ("fp32", "int8"):
+            to_openvino_ir(
+                output / FILES[("onnxruntime", precision)],
+                output / FILES[("openvino", precision)],
+            )
 
     threads = params.run.threads
+    min_top1 = params.export.parity_min_top1
     qmodule = qprog.module()
     parity = {}
     for (runtime, precision), rel in FILES.items():
         ref = net if precision == "fp32" else qmodule
         parity[f"{runtime}/{precision}"] = check_parity(
-            ref, output / rel, x_test, runtime=runtime, threads=threads
+            ref, output / rel, x_test, runtime=runtime, threads=threads, min_top1=min_top1
         )
     sizes = {
         f"{rt}/{pr}": sum(f.stat().st_size for f in model_files(output, rt, pr)) for rt, pr in FILES
@@ -73,6 +80,7 @@ def run(params: Params, dataset: Path, model: Path, quantized: Path, output: Pat
         "files": {f"{rt}/{pr}": rel for (rt, pr), rel in FILES.items()},
         "size_bytes": sizes,
         "parity": parity,
+        "parity_min_top1": min_top1,
         "quant_scheme": qmeta.get("quant_scheme"),
         "model": {k: meta[k] for k in ("input_shape", "mean", "std", "classes", "shape")},
         "history": qmeta.get("history", []),
@@ -90,6 +98,13 @@ def run(params: Params, dataset: Path, model: Path, quantized: Path, output: Pat
         f"  exported {meta['candidate']}: worst top-1 parity {worst:.4f}; int8 onnx {sizes['onnxruntime/int8']} B vs fp32 {sizes['onnxruntime/fp32']} B",
         flush=True,
     )
+    failed = [f"{k} ({p['top1_agreement']:.4f})" for k, p in parity.items() if not p["passed"]]
+    if failed:
+        print(
+            f"  {meta['candidate']}: parity below {min_top1} for {', '.join(failed)}: "
+            "these models will not be promoted",
+            flush=True,
+        )
     return StageResult(
         metrics=metrics,
         tags={"candidate": meta["candidate"]},

@@ -1,5 +1,11 @@
-"""promote: per target, register the best model that meets the budgets and move
-``champion-<target>`` only if it beats the current champion."""
+"""promote: per target, register the best model that passes the parity gate and meets the budgets,
+and move ``champion-<target>`` only if it beats the current champion.
+
+The parity gate: the exported model the target runs must agree with its torch model on the test
+split (top-1) at least ``export.parity_min_top1``; a result without a parity measurement (e.g. a
+benchmark.json from before the gate) fails it. Each rejected result and why is in
+``promotion.json`` (``rejected`` of each decision).
+"""
 
 from __future__ import annotations
 
@@ -40,6 +46,17 @@ def load_benchmarks(dirs: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
     return out
 
 
+def parity_problem(params: Params, r: dict[str, Any], precision: str) -> str | None:
+    """Why a result's exported model fails the parity gate, or None if it passes."""
+    p = r.get("parity") or {}
+    if p.get("top1_agreement") is None:
+        return "no parity measurement"
+    top1, need = float(p["top1_agreement"]), params.export.parity_min_top1
+    if top1 < need:
+        return f"parity top-1 {top1:.4f} < {need} ({p.get('runtime', '?')}/{precision})"
+    return None
+
+
 def budget_problem(params: Params, r: dict[str, Any]) -> str | None:
     """Why a result misses the budgets, or None if it meets them."""
     b = params.budgets
@@ -55,8 +72,9 @@ def budget_problem(params: Params, r: dict[str, Any]) -> str | None:
 
 def choose(
     params: Params, entries: list[tuple[Path, dict[str, Any]]]
-) -> tuple[tuple | None, list[str]]:
-    """Best (folder, doc, precision, result) meeting the budgets: most accurate, then fastest."""
+) -> tuple[tuple | None, list[dict[str, str]]]:
+    """Best (folder, doc, precision, result) passing parity and the budgets: most accurate, then
+    fastest; and the rejected results (``{"candidate", "precision", "gate", "reason"}``)."""
     precisions = (
         ["int8", "fp32"] if params.promote.precision == "any" else [params.promote.precision]
     )
@@ -64,15 +82,28 @@ def choose(
     for d, doc in entries:
         for pr in precisions:
             r = doc["results"][pr]
-            problem = budget_problem(params, r)
+            gate, problem = "parity", parity_problem(params, r, pr)
+            if problem is None:
+                gate, problem = "budgets", budget_problem(params, r)
             if problem:
-                rejected.append(f"{doc['candidate']}/{pr}: {problem}")
+                rejected.append(
+                    {
+                        "candidate": doc["candidate"],
+                        "precision": pr,
+                        "gate": gate,
+                        "reason": problem,
+                    }
+                )
             else:
                 lat = r["latency"].get("1", next(iter(r["latency"].values())))["p50_ms"]
                 ok.append(((-r["test_accuracy"], lat), (d, doc, pr, r)))
     if not ok:
         return None, rejected
     return min(ok, key=lambda t: t[0])[1], rejected
+
+
+def _rejected_text(x: dict[str, str]) -> str:
+    return f"{x['candidate']}/{x['precision']}: {x['reason']}"
 
 
 def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> StageResult:
@@ -86,8 +117,14 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
     for target in params.targets:
         group = by_target.get(target, [])
         best, rejected = choose(params, group)
+        for x in rejected:
+            print(f"  {target}: rejected {_rejected_text(x)}", flush=True)
         if best is None:
-            why = "; ".join(rejected) if rejected else "no benchmark results for this target"
+            why = (
+                "; ".join(map(_rejected_text, rejected))
+                if rejected
+                else "no benchmark results for this target"
+            )
             decisions.append(
                 Decision(
                     target,
@@ -95,8 +132,9 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
                     alias_for(target),
                     None,
                     False,
-                    f"no candidate meets the budgets: {why}",
+                    f"no candidate passes parity and the budgets: {why}",
                 ).as_dict()
+                | {"rejected": rejected}
             )
             continue
         d, doc, precision, r = best
@@ -121,7 +159,7 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
             params.promote.accuracy_tolerance,
             params.promote.latency_tolerance,
         )
-        decisions.append(decision.as_dict())
+        decisions.append(decision.as_dict() | {"rejected": rejected})
         verdict = "promoted" if decision.promoted else "not promoted"
         print(
             f"  {target}: {model_name} v{decision.version} ({doc['candidate']}, {precision}) {verdict}: {decision.reason}",

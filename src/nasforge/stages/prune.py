@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
+from nasforge.checkpoint import checkpoint_for, current_work_dir
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
+from nasforge.errors import naming_architecture
 from nasforge.models import load_model, save_model
 from nasforge.space.cell import count_parameters
 from nasforge.stages import StageResult
@@ -28,6 +30,7 @@ def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult
     epochs_per_step = max(1, pp.finetune_epochs // pp.steps) if pp.finetune_epochs else 0
 
     def finetune(m: torch.nn.Module) -> None:
+        # Inside prune_structured's step folder: a killed fine-tuning resumes from its epoch.
         fit(
             m,
             x_train,
@@ -36,6 +39,7 @@ def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult
             batch_size=params.train.batch_size,
             lr=pp.lr,
             seed=params.run.seed,
+            checkpoint=checkpoint_for("finetune"),
         )
 
     def gradients(m: torch.nn.Module) -> None:
@@ -49,15 +53,17 @@ def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult
     if pp.channel_ratio > 0:
         from nasforge.compress.prune import prune_structured
 
-        net, report = prune_structured(
-            net,
-            x_train[:2],
-            channel_ratio=pp.channel_ratio,
-            importance=pp.importance,
-            steps=pp.steps,
-            finetune=finetune if epochs_per_step else None,
-            grad_fn=gradients if pp.importance == "taylor" else None,
-        )
+        with naming_architecture("prune", meta["arch_str"]):
+            net, report = prune_structured(
+                net,
+                x_train[:2],
+                channel_ratio=pp.channel_ratio,
+                importance=pp.importance,
+                steps=pp.steps,
+                finetune=finetune if epochs_per_step else None,
+                grad_fn=gradients if pp.importance == "taylor" else None,
+                checkpoint_dir=current_work_dir(),
+            )
     else:
         report = {"skipped": True}
     metrics = {

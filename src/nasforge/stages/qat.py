@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from nasforge.checkpoint import checkpoint_for
 from nasforge.compress.qat import load_quantized, quantize_qat, save_quantized
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
+from nasforge.errors import naming_architecture
 from nasforge.models import MODEL_JSON, load_model
 from nasforge.stages import StageResult
 from nasforge.training import accuracy
@@ -29,16 +31,18 @@ def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult
     fp32_val = accuracy(net, x_val, y_val)
     torch.manual_seed(params.run.seed)
     example = torch.from_numpy(x_train[:2])
-    result = quantize_qat(
-        net,
-        example,
-        (x_train, y_train),
-        epochs=qp.epochs,
-        lr=qp.lr,
-        batch_size=qp.batch_size,
-        seed=params.run.seed,
-        freeze_bn_after_epochs=qp.freeze_bn_after_epochs,
-    )
+    with naming_architecture("qat", meta["arch_str"]):
+        result = quantize_qat(
+            net,
+            example,
+            (x_train, y_train),
+            epochs=qp.epochs,
+            lr=qp.lr,
+            batch_size=qp.batch_size,
+            seed=params.run.seed,
+            freeze_bn_after_epochs=qp.freeze_bn_after_epochs,
+            checkpoint=checkpoint_for("qat"),
+        )
     output.mkdir(parents=True, exist_ok=True)
     save_quantized(result.model, example, output / QUANTIZED, meta={"scheme": result.scheme})
     # Accuracy of what was saved, reloaded, so the number is the artifact's and not the in-memory graph's.

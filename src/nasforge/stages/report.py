@@ -26,7 +26,8 @@ def _champion_version(uri: str, model_name: str, target: str) -> str | None:
 def build_summary(
     params: Params, run_id: str, promotion: dict[str, Any], search_dir: Path
 ) -> dict[str, Any]:
-    """Per target: model name/version, accuracy, latency p50 (batch 1), size, promoted or not, why."""
+    """Per target: model name/version, accuracy, latency p50 (batch 1), size, promoted or not, why,
+    and the results promotion rejected (``rejected``: candidate, precision, gate, reason)."""
     targets: dict[str, Any] = {}
     for d in promotion["decisions"]:
         ch = d.get("challenger") or {}
@@ -42,6 +43,7 @@ def build_summary(
             "size_bytes": ch.get("size_bytes"),
             "promoted": d["promoted"],
             "reason": d["reason"],
+            "rejected": d.get("rejected", []),
             "champion_version": _champion_version(
                 params.tracking.uri, d["model_name"], d["target"]
             ),
@@ -79,6 +81,12 @@ def run(
     for _, doc in load_benchmarks(benchmarks):
         for precision, r in doc["results"].items():
             lat = r["latency"]
+            parity = (r.get("parity") or {}).get("top1_agreement")
+            if parity is None:
+                parity_text = "missing"
+            else:
+                below = parity < params.export.parity_min_top1
+                parity_text = f"{parity:.4f}" + (" (below gate)" if below else "")
             rows.append(
                 {
                     "candidate": doc["candidate"],
@@ -87,6 +95,7 @@ def run(
                     "test accuracy": f"{r['test_accuracy']:.4f}",
                     "size (bytes)": r["size_bytes"],
                     **{f"p50 b{bs} (ms)": f"{v['p50_ms']:.3f}" for bs, v in lat.items()},
+                    "parity top-1": parity_text,
                     "energy": r.get("energy", {}).get("source", ""),
                 }
             )

@@ -5,22 +5,37 @@ output folder (the stage writes into a hidden sibling that replaces ``output`` o
 a failure never leaves a half-written artifact), the stage's nested MLflow run with its metrics,
 tags and small artifacts, and the DVC hash of every produced model as a tag (pushed to the DVC
 remote when one is configured).
+
+A stage attempt also gets a work folder (:mod:`nasforge.checkpoint`) that survives a failure, so
+a killed stage run again with the same params and inputs continues where it stopped; it is
+removed once the output is in place. Temporary folders left by a killed attempt are cleaned up by
+the next one. Under ``nasforge run`` a stage's one-line error is also appended to the run's error
+log, so the pipeline's last line can name it, and a task whose ``nasforge run`` died stops too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
 import os
 import random
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nasforge import checkpoint
 from nasforge.config import Params
 from nasforge.stages import StageResult
+
+#: Set by ``nasforge run``: the JSON-lines file a failing stage appends its one-line error to,
+#: and the pid of the ``nasforge run`` process (a task whose runner died exits).
+ERROR_LOG_ENV = "NASFORGE_ERROR_LOG"
+PARENT_PID_ENV = "NASFORGE_PARENT_PID"
 
 STAGE_MODULES = {
     "prepare-data": "prepare_data",
@@ -53,6 +68,55 @@ def _seed_everything(seed: int, threads: int) -> None:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def clean_stale(output: Path) -> list[Path]:
+    """Remove the temporary siblings of ``output`` that killed attempts left behind.
+
+    ``.<name>.partial-<pid>-*`` folders whose process is gone, and ``.<name>.old-*`` folders (a
+    replaced output that a kill kept from being deleted). Returns what was removed.
+    """
+    removed = []
+    for p in output.parent.glob(f".{output.name}.partial-*"):
+        pid = p.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not checkpoint.pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    for p in output.parent.glob(f".{output.name}.old-*"):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _watch_parent() -> None:
+    """Under ``nasforge run``: exit when that process is gone (SIGKILL leaves tasks orphaned)."""
+    pid = os.environ.get(PARENT_PID_ENV, "")
+    if not pid.isdigit():
+        return
+
+    def watch() -> None:
+        while checkpoint.pid_alive(int(pid)):
+            time.sleep(1.0)
+        print(f"error: nasforge run (pid {pid}) is gone; stopping this task", flush=True)
+        os._exit(137)
+
+    threading.Thread(target=watch, name="nasforge-parent-watch", daemon=True).start()
+
+
+def one_line(err: BaseException) -> str:
+    """The one-line description of a stage failure (the message of a NasforgeError)."""
+    from nasforge.errors import NasforgeError
+
+    text = " ".join(str(err).split()) or err.__class__.__name__
+    return text if isinstance(err, NasforgeError) else f"{err.__class__.__name__}: {text}"
+
+
+def _log_error(label: str, err: BaseException) -> None:
+    path = os.environ.get(ERROR_LOG_ENV)
+    if not path:
+        return
+    with contextlib.suppress(OSError), open(path, "a") as f:
+        f.write(json.dumps({"stage": label, "error": one_line(err), "time": time.time()}) + "\n")
 
 
 def _replace_dir(tmp: Path, output: Path) -> None:
@@ -92,7 +156,11 @@ def execute(
     fn = stage_function(stage)
     output = Path(output).absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
+    _watch_parent()
+    clean_stale(output)
+    tmp = output.parent / f".{output.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    key = checkpoint.stage_key(stage, params.to_json(), inputs)
+    work = checkpoint.work_dir_for(stage, output, key)
     _seed_everything(params.run.seed, params.run.threads)
     label = run_name or stage
     print(f"==> [{label}] started", flush=True)
@@ -105,12 +173,17 @@ def execute(
             kwargs["run_id"] = run_id
         if "parent_run_id" in accepted:
             kwargs["parent_run_id"] = parent_run_id
+        token = checkpoint.set_current_work_dir(work)
         try:
             result = fn(params, output=tmp, **kwargs)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            checkpoint.reset_current_work_dir(token)
         _replace_dir(tmp, output)
+        # The output is in place: what the work folder held to resume is no longer needed.
+        shutil.rmtree(work, ignore_errors=True)
         # Paths the stage reported under the temporary folder now live under ``output``.
         result.artifacts = [
             output / Path(a).relative_to(tmp) if tmp in Path(a).parents else Path(a)
@@ -120,6 +193,27 @@ def execute(
             result.model_dir = output
         return result
 
+    try:
+        result = _tracked(stage, params, output, label, parent_run_id, tracking, inputs, call, t0)
+    except BaseException as err:
+        _log_error(label, err)
+        raise
+    print(f"==> [{label}] done in {time.perf_counter() - t0:.1f}s", flush=True)
+    return result
+
+
+def _tracked(
+    stage: str,
+    params: Params,
+    output: Path,
+    label: str,
+    parent_run_id: str | None,
+    tracking: bool,
+    inputs: dict[str, Any],
+    call: Callable[[str | None], StageResult],
+    t0: float,
+) -> StageResult:
+    """Run ``call`` inside the stage's MLflow run (or bare), logging what it produced."""
     if not tracking:
         result = call(None)
     else:
@@ -147,5 +241,4 @@ def execute(
             for art in result.artifacts:
                 if Path(art).exists():
                     run.log_artifact(art)
-    print(f"==> [{label}] done in {time.perf_counter() - t0:.1f}s", flush=True)
     return result

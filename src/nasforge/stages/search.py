@@ -10,6 +10,7 @@ stored in SQLite in the output folder, so a killed search resumes without re-eva
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ import optuna
 import torch
 from safetensors.torch import save_file
 
+from nasforge.checkpoint import checkpoint_for, current_work_dir
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
 from nasforge.hardware.predictor import LatencyPredictor
@@ -98,6 +100,24 @@ class SubnetEvaluator:
         return values
 
 
+def resume_study(study: optuna.Study) -> int:
+    """Prepare a study that a killed search left behind; returns its finished trials.
+
+    A trial still RUNNING was being evaluated when the process died (one process owns a local
+    study): it is marked FAIL so it is neither counted nor waited for, and its architecture is
+    proposed again by the sampler if it is still worth it.
+    """
+    finished = 0
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.RUNNING:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        elif t.state == optuna.trial.TrialState.COMPLETE:
+            finished += 1
+    if finished:
+        print(f"  resumed the search: {finished} finished trials kept", flush=True)
+    return finished
+
+
 def _connected_cell(record: dict[str, Any]) -> bool:
     return is_connected(CellSpec(tuple(record["ops"])))
 
@@ -173,6 +193,7 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
     supernet = CellSupernet(shape)
     x_train, y_train = data.tensors("train")
 
+    work = current_work_dir() or output
     t0 = time.perf_counter()
     losses = train_supernet_uniform(
         supernet,
@@ -184,6 +205,7 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
         weight_decay=sp.weight_decay,
         seed=params.run.seed,
         log_every=max(1, sp.supernet_epochs // 5),
+        checkpoint=checkpoint_for("supernet"),
     )
     supernet_seconds = time.perf_counter() - t0
     output.mkdir(parents=True, exist_ok=True)
@@ -206,15 +228,18 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
         darts_prior(params, shape, x_train, y_train) if sp.prior == "darts" else (None, None)
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # The study lives in the work folder, which outlives a killed attempt: a rerun keeps every
+    # finished trial. It is copied into the output when the search is done.
     study = optuna.create_study(
         study_name=STUDY_NAME,
-        storage=f"sqlite:///{output / 'study.db'}",
+        storage=f"sqlite:///{work / 'study.db'}",
         directions=["minimize"] * len(names),
         sampler=make_sampler(
             sp.strategy, params.run.seed, search_space=search_space(), prior=prior
         ),
         load_if_exists=True,
     )
+    resume_study(study)
     study.set_metric_names(names)
     distributions = {
         n: optuna.distributions.CategoricalDistribution(list(OPS)) for n in PARAM_NAMES
@@ -226,6 +251,15 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
         study.enqueue_trial({n: op for n, op in zip(PARAM_NAMES, LARGEST_SPEC.ops, strict=True)})
     t1 = time.perf_counter()
     while len(done) < sp.trials:
+        # One sampler per trial, seeded by the trial's number: its proposals depend only on the
+        # finished trials in the study, so a resumed search proposes what an uninterrupted one
+        # would have (the strategies keep their state in the study, not in the sampler).
+        study.sampler = make_sampler(
+            sp.strategy,
+            params.run.seed + len(done),
+            search_space=search_space(),
+            prior=prior,
+        )
         trial = study.ask(distributions)
         spec = CellSpec(tuple(trial.params[n] for n in PARAM_NAMES))
         values = evaluator.evaluate(spec)
@@ -238,6 +272,8 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
                 flush=True,
             )
     search_seconds = time.perf_counter() - t1
+    if work != output:
+        shutil.copy2(work / "study.db", output / "study.db")
 
     records = []
     for t in done:

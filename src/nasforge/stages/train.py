@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from nasforge.checkpoint import EpochCheckpoint, checkpoint_for
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
 from nasforge.errors import ConfigError, ModelFileError
@@ -127,7 +128,13 @@ def run(params: Params, dataset: Path, search: Path, candidate: int, output: Pat
     torch.manual_seed(params.run.seed)
     t0 = time.perf_counter()
 
-    def train_fn(model: torch.nn.Module, lr: float, weight_decay: float, epochs: int) -> None:
+    def train_fn(
+        model: torch.nn.Module,
+        lr: float,
+        weight_decay: float,
+        epochs: int,
+        checkpoint: EpochCheckpoint | None = None,
+    ) -> None:
         fit(
             model,
             x_train,
@@ -140,6 +147,7 @@ def run(params: Params, dataset: Path, search: Path, candidate: int, output: Pat
             teacher=teacher,
             kd_temperature=tp.kd_temperature,
             kd_alpha=tp.kd_alpha,
+            checkpoint=checkpoint,
         )
 
     chosen = {"lr": tp.lr, "weight_decay": tp.weight_decay, "epochs": tp.epochs}
@@ -151,7 +159,8 @@ def run(params: Params, dataset: Path, search: Path, candidate: int, output: Pat
         student, chosen = tuning.model, tuning.params
         print(f"  BO ({tp.tune.sampler}, {tp.tune.trials} trials) chose {chosen}", flush=True)
     else:
-        train_fn(student, tp.lr, tp.weight_decay, tp.epochs)
+        # A killed run continues after its last finished epoch (tuning trials start over).
+        train_fn(student, tp.lr, tp.weight_decay, tp.epochs, checkpoint_for("train"))
     seconds = time.perf_counter() - t0
     metrics = {
         "chosen_lr": float(chosen["lr"]),

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from nasforge.checkpoint import EpochCheckpoint
 from nasforge.space.cell import CellNetwork, CellNetworkShape, build_cell_network, effective_ops
 from nasforge.space.nb201 import EDGES, OPS, CellSpec
 from nasforge.training import iterate_minibatches
@@ -87,8 +88,12 @@ def train_supernet_uniform(
     weight_decay: float,
     seed: int,
     log_every: int = 0,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> list[float]:
     """Train the supernet with uniform single-path sampling (one random subnet per step).
+
+    With ``checkpoint``, a rerun continues after the last finished epoch (same sampled subnets
+    and batches as an uninterrupted run).
 
     Returns:
         Mean training loss per epoch.
@@ -101,9 +106,12 @@ def train_supernet_uniform(
     steps = epochs * max(1, (len(x) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.05)
-    history = []
+    history: list[float] = []
+    first = 0
+    if checkpoint is not None:
+        first, history, _ = checkpoint.resume(supernet, opt, sched, py_rng=rng, np_rng=np_rng)
     supernet.train()
-    for epoch in range(epochs):
+    for epoch in range(first, epochs):
         total, n = 0.0, 0
         for xb, yb in iterate_minibatches(x, y, batch_size, np_rng):
             supernet.set_active_subnet(CellSupernet.sample_spec(rng))
@@ -116,6 +124,8 @@ def train_supernet_uniform(
             total += loss.item() * len(xb)
             n += len(xb)
         history.append(total / max(n, 1))
+        if checkpoint is not None:
+            checkpoint.save(epoch, supernet, opt, sched, history, py_rng=rng, np_rng=np_rng)
         if log_every and (epoch + 1) % log_every == 0:
             print(f"  supernet epoch {epoch + 1}/{epochs} loss {history[-1]:.4f}", flush=True)
     supernet.set_active_subnet(LARGEST_SPEC)

@@ -12,6 +12,7 @@ of an ``arch_str``.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any
 import optuna
 import torch
 
+from nasforge.checkpoint import current_work_dir
 from nasforge.errors import ConfigError
 from nasforge.search.base import Prior
 from nasforge.search.samplers import make_sampler
@@ -405,16 +407,21 @@ def run_macro_search(
     )
     names = evaluator.objective_names()
     t1 = time.perf_counter()
+    # In the work folder, which outlives a killed attempt, so a rerun keeps finished trials.
+    work = current_work_dir() or output
     records = search_macro_subnets(
         evaluator,
         strategy=sp.strategy,
         trials=sp.trials,
         seed=params.run.seed,
-        storage=f"sqlite:///{output / 'study.db'}",
+        storage=f"sqlite:///{work / 'study.db'}",
         progress=lambda msg: print(f"  {msg}", flush=True),
         choices=choices,
     )
     search_seconds = time.perf_counter() - t1
+    if work != output:
+        output.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(work / "study.db", output / "study.db")
     candidates = select_macro_candidates(
         records, names, sp.max_candidates, sp.candidate_accuracy_window
     )

@@ -129,8 +129,30 @@ def open_cluster_parent_run(params: Any, run_name: str | None = None) -> str:
 
 
 def close_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    """Mark a run finished (or FAILED)."""
+    """Mark a run finished (or FAILED, KILLED)."""
     client(uri).set_terminated(run_id, status=status)
+
+
+def reopen_run(uri: str, run_id: str) -> bool:
+    """Mark a run RUNNING again (a resumed pipeline run); False if it no longer exists.
+
+    Its nested runs still RUNNING belong to tasks of the killed attempt: they are marked KILLED.
+    """
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        run = c.get_run(run_id)
+        c.update_run(run_id, status="RUNNING")
+    except MlflowException:
+        return False
+    stale = c.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'",
+    )
+    for child in stale:
+        c.set_terminated(child.info.run_id, status="KILLED")
+    return True
 
 
 class StageRun:
