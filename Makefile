@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.nasforge-installed
 PARAMS ?= params.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast test-container lint format compile images images-gpu bench-search bench-serve bench-darts bench-compress clean
+.PHONY: install run test test-fast test-container lint format compile images images-gpu bench-search bench-serve bench-darts bench-compress bench-coverage clean
 
 # torch first, pinned to the CPU build (a looser pin pulls the CUDA wheels), then the project.
 $(STAMP): pyproject.toml
@@ -72,6 +72,11 @@ bench-compress: install
 ## DARTS on the NAS-Bench-201 cell with and without the anti-collapse measures (issue 3).
 bench-darts: install
 	$(BIN)/python benchmarks/bench_darts.py --seeds 3
+
+## Every connected NB201 cell (15,284) and 2,000 macro specs through prune -> forward, 500 of each
+## through prune -> QAT -> export -> ONNX Runtime / OpenVINO; resumable (checkpoint in benchmarks/results/space_coverage_run/).
+bench-coverage: install
+	nice -n 10 $(BIN)/python benchmarks/bench_space_coverage.py
 
 clean:
 	rm -rf runs artifacts mlflow.db mlartifacts .dvcstore

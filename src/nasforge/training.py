@@ -102,7 +102,12 @@ def fit(
         model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True
     )
     steps = epochs * max(1, (len(x) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
+    # OneCycleLR divides by pct_start * total_steps - 1: zero at exactly 5 steps with 0.2 (one
+    # epoch of 257-320 images at batch 64 raised ZeroDivisionError), so warm up 1.5 steps there.
+    pct_start = 0.3 if steps == 5 else 0.2
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=steps, pct_start=pct_start
+    )
     if teacher is not None:
         teacher.eval()
     history: list[float] = []
