@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.nasforge-installed
 PARAMS ?= params.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast test-container lint format compile images images-gpu bench-search bench-serve bench-darts bench-compress bench-coverage clean
+.PHONY: install run test test-fast test-container lint format compile images images-gpu bench-search bench-serve bench-darts bench-compress bench-coverage bench-memory clean
 
 # torch first, pinned to the CPU build (a looser pin pulls the CUDA wheels), then the project.
 $(STAMP): pyproject.toml
@@ -77,6 +77,10 @@ bench-darts: install
 ## through prune -> QAT -> export -> ONNX Runtime / OpenVINO; resumable (checkpoint in benchmarks/results/space_coverage_run/).
 bench-coverage: install
 	nice -n 10 $(BIN)/python benchmarks/bench_space_coverage.py
+
+## The search's memory objective (model) against measured peak RSS, per CPU runtime.
+bench-memory: install
+	$(BIN)/python benchmarks/bench_memory_model.py
 
 clean:
 	rm -rf runs artifacts mlflow.db mlartifacts .dvcstore

@@ -10,6 +10,16 @@ MobileNet) and each runtime target (ONNX Runtime, OpenVINO FP32 on this CPU) thi
    medians), the calibration networks in the same rounds;
 3. compares predictions with measurements: fraction within +-10%, Kendall tau, median error.
 
+``--precision int8`` does the same for the INT8 models the pipeline ships: every block model,
+calibration network and evaluated subnet is a quickly calibrated PTQ copy in the deployed QDQ
+layout (:func:`nasforge.bench.timing_export.quantize_for_timing`); the entries are named after
+the INT8 targets (``onnxruntime-cpu-int8``, ``openvino-cpu-int8``) next to the FP32 ones. The FP32
+exports of the same evaluated subnets are timed in the same interleaved rounds, and
+``fp32_vs_int8`` records whether ranking by FP32 latency would choose differently: Kendall tau
+between the two, how many of the FP32-fastest k are not among the INT8-fastest k, and the
+subnet a latency budget admits with the most multiply-adds (an accuracy proxy) when the budget
+is checked on FP32 instead of INT8 latency.
+
 Two calibrations are reported. The headline one is refitted (:meth:`LatencyTable.calibrate`) on
 the calibration networks measured *in the same rounds* as the evaluated subnets, so a change of
 machine load between profiling and evaluation (this machine is shared) does not shift every
@@ -39,6 +49,9 @@ threads, runtime versions and the load average before/after each timed part::
       flock /tmp/nasforge-bench.lock nice -n 5 .venv/bin/python \\
           benchmarks/bench_latency_predictor.py --spaces macro --runtimes $rt
     done
+    # INT8, in pieces (each merges into the same results):
+    flock /tmp/nasforge-bench.lock nice -n 5 .venv/bin/python \\
+        benchmarks/bench_latency_predictor.py --precision int8 --space cell --runtime openvino-cpu
     .venv/bin/python benchmarks/bench_latency_predictor.py --n 8 --out /tmp/q  # quick check
 """
 
@@ -60,8 +73,9 @@ from scipy.stats import kendalltau
 
 from nasforge.bench.harness import open_session
 from nasforge.bench.sysinfo import physical_cores, system_info
-from nasforge.bench.timing_export import export_for_timing
+from nasforge.bench.timing_export import QUANTIZATION, export_for_timing, quantize_for_timing
 from nasforge.hardware.latency_table import (
+    block_stats,
     build_latency_table,
     time_interleaved,
     torch_single_thread,
@@ -123,8 +137,59 @@ def _split_half(rounds_per_network: list[list[float]]) -> dict[str, Any]:
     }
 
 
+def entry_name(runtime: str, precision: str) -> str:
+    """Result key of a runtime at a precision: the runtime, or its INT8 target's name."""
+    return runtime if precision == "fp32" else f"{runtime}-int8"
+
+
+def _fp32_vs_int8(
+    fp32: np.ndarray, int8: np.ndarray, mmacs: np.ndarray, ks: tuple[int, ...] = (5, 10)
+) -> dict[str, Any]:
+    """Would ranking subnets by FP32 latency choose differently from INT8 latency?"""
+    out: dict[str, Any] = {
+        "kendall_tau_fp32_vs_int8": float(kendalltau(fp32, int8)[0]),
+        "int8_over_fp32": {
+            "median": float(np.median(int8 / fp32)),
+            "min": float(np.min(int8 / fp32)),
+            "max": float(np.max(int8 / fp32)),
+        },
+        "int8_slower_than_fp32": int(np.sum(int8 > fp32)),
+        "n": int(len(fp32)),
+    }
+    for k in ks:
+        f_top, i_top = set(np.argsort(fp32)[:k]), set(np.argsort(int8)[:k])
+        out[f"fp32_fastest_{k}_not_int8_fastest_{k}"] = len(f_top - i_top)
+    out["fp32_fastest_is_int8_fastest"] = bool(np.argmin(fp32) == np.argmin(int8))
+    budgets = []
+    for q in (0.25, 0.5, 0.75):
+        # The budget is an INT8 latency; FP32 latencies are rescaled by the median ratio so the
+        # budget admits as many subnets either way and only the ranking differs.
+        budget = float(np.quantile(int8, q))
+        scale = float(np.median(fp32 / int8))
+        ok_i = np.flatnonzero(int8 <= budget)
+        ok_f = np.flatnonzero(fp32 <= budget * scale)
+        pick_i = int(ok_i[np.argmax(mmacs[ok_i])]) if len(ok_i) else -1
+        pick_f = int(ok_f[np.argmax(mmacs[ok_f])]) if len(ok_f) else -1
+        budgets.append(
+            {
+                "int8_budget_quantile": q,
+                "int8_budget_ms": budget,
+                "int8_pick": pick_i,
+                "fp32_pick": pick_f,
+                "same_pick": pick_i == pick_f,
+                "fp32_pick_int8_ms": float(int8[pick_f]) if pick_f >= 0 else None,
+                "fp32_pick_violates_int8_budget": bool(pick_f >= 0 and int8[pick_f] > budget),
+                "admitted_by_both": int(len(set(ok_i) & set(ok_f))),
+                "admitted_int8": int(len(ok_i)),
+            }
+        )
+    out["budget_top1_by_mmacs"] = budgets
+    return out
+
+
 def run_space(args: argparse.Namespace, name: str, threads: int) -> tuple[dict, dict, dict]:
-    """Tables, measurements and metrics of one space on every runtime."""
+    """Tables, measurements and metrics of one space on every runtime (at ``args.precision``)."""
+    int8 = args.precision == "int8"
     cfg = dict(CONFIGS[args.config])
     space = make_space(name, cfg)
     # The table's calibration networks are the first draws of Random(seed + 1) (as
@@ -151,12 +216,31 @@ def run_space(args: argparse.Namespace, name: str, threads: int) -> tuple[dict, 
             export_for_timing(space.build(s), space.input_shape(), Path(tmp) / f"c{i}.onnx")
             for i, s in enumerate(calib)
         ]
+        fpaths = paths  # FP32 exports of the evaluated subnets (INT8: timed alongside)
+        if int8:
+            paths = [
+                quantize_for_timing(p, p.with_suffix(".int8.onnx"), space.input_shape())
+                for p in paths
+            ]
+            cpaths = [
+                quantize_for_timing(p, p.with_suffix(".int8.onnx"), space.input_shape())
+                for p in cpaths
+            ]
+        mmacs = np.array(
+            [
+                (lambda st: st["mmacs_dense"] + st["mmacs_depthwise"])(
+                    block_stats(space.build(s), space.input_shape())
+                )
+                for s in specs
+            ]
+        )
         print(
-            f"[{name}] exported {len(paths)}+{len(cpaths)} networks in "
+            f"[{name}] exported {len(paths)}+{len(cpaths)} {args.precision} networks in "
             f"{time.perf_counter() - t0:.0f}s",
             flush=True,
         )
         for runtime in args.runtimes:
+            entry = entry_name(runtime, args.precision)
             load = {"before_build": round(os.getloadavg()[0], 2)}
             table = build_latency_table(
                 runtime,
@@ -171,19 +255,23 @@ def run_space(args: argparse.Namespace, name: str, threads: int) -> tuple[dict, 
                 calibration_networks=args.calibration_networks,
                 calibration_exporter="torchscript",
                 seed=args.seed + 1,
-                progress=lambda m, r=runtime: print(f"[{name}/{r}] {m}", flush=True),
+                progress=lambda m, r=entry: print(f"[{name}/{r}] {m}", flush=True),
+                precision=args.precision,
             )
             load["after_build"] = round(os.getloadavg()[0], 2)
-            print(f"[{name}/{runtime}] table built in {table.build_seconds:.0f}s", flush=True)
+            print(f"[{name}/{entry}] table built in {table.build_seconds:.0f}s", flush=True)
             built = copy.deepcopy(table)
             per_rt: dict = {
+                "precision": args.precision,
+                "runtime": runtime,
+                **({"quantization": QUANTIZATION} if int8 else {}),
                 "table": {
                     "build_seconds": round(table.build_seconds, 1),
                     "blocks": len(table.blocks[args.batch_sizes[0]]),
                     "build_calibration": {str(b): vars(c) for b, c in built.calibration.items()},
-                }
+                },
             }
-            raw[runtime] = {}
+            raw[entry] = {}
             t_meas = time.perf_counter()
             for bs in args.batch_sizes:
                 sessions = {
@@ -192,6 +280,11 @@ def run_space(args: argparse.Namespace, name: str, threads: int) -> tuple[dict, 
                 }
                 for i, p in enumerate(cpaths):
                     sessions[f"c{i}"] = open_session(p, runtime, bs, space.input_shape(), threads)
+                if int8:  # the FP32 models of the same subnets, in the same rounds
+                    for i, p in enumerate(fpaths):
+                        sessions[f"f{i}"] = open_session(
+                            p, runtime, bs, space.input_shape(), threads
+                        )
                 runs: dict[str, list[float]] = {}
                 per_round: dict[str, list[float]] = {}
                 med = time_interleaved(
@@ -223,16 +316,30 @@ def run_space(args: argparse.Namespace, name: str, threads: int) -> tuple[dict, 
                 m["measurement_repeatability"] = _split_half(
                     [per_round[f"e{i}"] for i in range(len(specs))]
                 )
+                if int8:
+                    fp32_ms = np.array([med[f"f{i}"] for i in range(len(specs))])
+                    m["fp32_vs_int8"] = _fp32_vs_int8(fp32_ms, measured, mmacs)
                 per_rt[str(bs)] = m
-                raw[runtime][str(bs)] = {
+                raw[entry][str(bs)] = {
                     "measured_ms": measured.round(5).tolist(),
                     "predicted_ms": predicted.round(5).tolist(),
                     "predicted_build_calibration_ms": predicted_build.round(5).tolist(),
                     "calibration_measured_ms": np.round(cmeasured, 5).tolist(),
                     "median_of_all_runs_ms": p50_all.round(5).tolist(),
+                    **({"fp32_measured_ms": fp32_ms.round(5).tolist()} if int8 else {}),
+                    **({"mmacs": mmacs.round(4).tolist()} if int8 else {}),
                 }
+                if int8:
+                    c = m["fp32_vs_int8"]
+                    print(
+                        f"[{name}/{entry}] batch {bs}: fp32-vs-int8 tau="
+                        f"{c['kendall_tau_fp32_vs_int8']:.3f}, fp32-fastest-5 not int8-fastest-5: "
+                        f"{c['fp32_fastest_5_not_int8_fastest_5']}, int8/fp32 median "
+                        f"{c['int8_over_fp32']['median']:.2f}",
+                        flush=True,
+                    )
                 print(
-                    f"[{name}/{runtime}] batch {bs}: within10={m['within_10pct']:.2f} "
+                    f"[{name}/{entry}] batch {bs}: within10={m['within_10pct']:.2f} "
                     f"tau={m['kendall_tau']:.3f} median_err={m['median_abs_rel_err']:.3f} | "
                     f"build calibration: within10={m['build_calibration']['within_10pct']:.2f} "
                     f"tau={m['build_calibration']['kendall_tau']:.3f}",
@@ -241,9 +348,11 @@ def run_space(args: argparse.Namespace, name: str, threads: int) -> tuple[dict, 
             load["after_measure"] = round(os.getloadavg()[0], 2)
             per_rt["measure_seconds"] = round(time.perf_counter() - t_meas, 1)
             per_rt["load_avg_1m"] = load
-            results[runtime] = per_rt
+            # Per entry: pieces run at different times may run on different hosts.
+            per_rt["system"] = system_info(threads)
+            results[entry] = per_rt
             args.out.mkdir(parents=True, exist_ok=True)
-            stem = f"latency_table_{name}_{runtime}" + (f"_{args.tag}" if args.tag else "")
+            stem = f"latency_table_{name}_{entry}" + (f"_{args.tag}" if args.tag else "")
             table.save(args.out / f"{stem}.json")
     meta = {
         "config": {**space.config(), "preset": args.config},
@@ -255,9 +364,23 @@ def run_space(args: argparse.Namespace, name: str, threads: int) -> tuple[dict, 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: D103
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--spaces", nargs="+", choices=["cell", "macro"], default=["cell", "macro"])
+    ap.add_argument(
+        "--spaces", "--space", nargs="+", choices=["cell", "macro"], default=["cell", "macro"]
+    )
     ap.add_argument("--config", choices=sorted(CONFIGS), default="cifar")
-    ap.add_argument("--runtimes", nargs="+", default=["onnxruntime-cpu", "openvino-cpu"])
+    ap.add_argument(
+        "--runtimes",
+        "--runtime",
+        nargs="+",
+        choices=["onnxruntime-cpu", "openvino-cpu"],
+        default=["onnxruntime-cpu", "openvino-cpu"],
+    )
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "int8"],
+        default="fp32",
+        help="int8: PTQ QDQ copies of every model (entries named <runtime>-int8)",
+    )
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--n", type=int, default=50, help="random subnets evaluated per space")
     ap.add_argument(
@@ -302,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: D103
         t_all = time.perf_counter()
         load_before = os.getloadavg()[0]
         results, raw, meta = run_space(args, name, threads)
+        # Re-read: another piece (other space, runtime or precision) may have finished meanwhile.
+        report = json.loads(path.read_text()) if path.is_file() else {}
+        if report.get("benchmark") != "latency_predictor" or report.get("threads") != threads:
+            report = {}
         info = system_info(threads)
         report.update(
             benchmark="latency_predictor",
@@ -316,12 +443,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: D103
         report.setdefault("raw", {}).setdefault(name, {}).update(raw)
         report.setdefault("space_config", {})[name] = meta.pop("config")
         report.setdefault("specs", {})[name] = meta
-        report.setdefault("settings", {})[name] = {
+        report.setdefault("settings", {})[name if args.precision == "fp32" else f"{name}/int8"] = {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
             if k not in ("out", "render", "spaces")
         }
-        report.setdefault("contention", {}).setdefault(name, {})[",".join(args.runtimes)] = {
+        runs_key = ",".join(entry_name(rt, args.precision) for rt in args.runtimes)
+        report.setdefault("contention", {}).setdefault(name, {})[runs_key] = {
             "load_avg_1m_before": round(load_before, 2),
             "load_avg_1m_after": round(os.getloadavg()[0], 2),
             "cores": info["logical_cores"],
@@ -343,19 +471,38 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _markdown(r: dict) -> str:
-    v = r["system"]["versions"]
+    machines: dict[str, list[str]] = {}
+    for space, rts in r["spaces"].items():
+        for rt, d in rts.items():
+            sysinfo = d.get("system", r["system"])
+            v = sysinfo["versions"]
+            desc = (
+                f"{sysinfo['cpu_model']} ({', '.join(sysinfo['isa_flags'])}); onnxruntime "
+                f"{v['onnxruntime']}, openvino {v['openvino']}"
+            )
+            machines.setdefault(desc, []).append(f"{space}/{rt}")
     lines = [
         "# Latency predictor: predicted vs measured end-to-end latency",
         "",
-        f"CPU: {r['cpu_model']} ({', '.join(r['system']['isa_flags'])}); threads: {r['threads']}; "
-        f"clock: {r['clock']}; exporter: {r['exporter']}; onnxruntime {v['onnxruntime']}, "
-        f"openvino {v['openvino']} (FP32 pinned: `INFERENCE_PRECISION_HINT=f32`).",
+        f"Threads: {r['threads']}; clock: {r['clock']}; exporter: {r['exporter']}; OpenVINO FP32 "
+        "pinned (`INFERENCE_PRECISION_HINT=f32`; INT8 layers run in INT8).",
         "",
-        "| space | runtime | batch | n | within ±10% | Kendall τ | median abs err | "
+    ]
+    if len(machines) == 1:
+        lines += [f"CPU: {next(iter(machines))}.", ""]
+    else:
+        lines += [
+            "The entries were measured on different hosts (compare rows of one host only):",
+            "",
+        ]
+        lines += [f"* {m}: {', '.join(es)}" for m, es in machines.items()]
+        lines += [""]
+    lines += [
+        "| space | runtime | precision | batch | n | within ±10% | Kendall τ | median abs err | "
         "measurement repeatability: within ±10% / τ | "
         "build-time calibration: within ±10% / τ | measured range (ms) | table build (s) | "
         "regression features |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for space, rts in r["spaces"].items():
         for rt, d in rts.items():
@@ -367,12 +514,48 @@ def _markdown(r: dict) -> str:
                 rep = m.get("measurement_repeatability")
                 rep_s = f"{rep['within_10pct']:.0%} / {rep['kendall_tau']:.3f}" if rep else "–"
                 lines.append(
-                    f"| {space} | {rt} | {bs} | {m['n']} | {m['within_10pct']:.0%} | "
+                    f"| {space} | {d.get('runtime', rt)} | {d.get('precision', 'fp32')} | {bs} | "
+                    f"{m['n']} | {m['within_10pct']:.0%} | "
                     f"{m['kendall_tau']:.3f} | {m['median_abs_rel_err']:.1%} | {rep_s} | "
                     f"{b['within_10pct']:.0%} / {b['kendall_tau']:.3f} | "
                     f"{lo:.3f}–{hi:.3f} | {d['table']['build_seconds']} | "
                     f"{', '.join(m['calibration'].get('features') or ['block_sum', 'const'])} |"
                 )
+    cmp_rows = [
+        (space, d.get("runtime", rt), bs, m["fp32_vs_int8"])
+        for space, rts in r["spaces"].items()
+        for rt, d in rts.items()
+        for bs, m in d.items()
+        if bs.isdigit() and "fp32_vs_int8" in m
+    ]
+    if cmp_rows:
+        lines += [
+            "",
+            "## Would FP32 latency rank the subnets like INT8 latency?",
+            "",
+            "The FP32 and INT8 models of the same evaluated subnets, timed in the same rounds. "
+            "Budget picks: among the subnets a latency budget admits, the one with the most "
+            "multiply-adds (an accuracy proxy); the budget is the 25/50/75% quantile of the "
+            "INT8 latencies, applied to FP32 latencies rescaled by the median FP32/INT8 ratio.",
+            "",
+            "| space | runtime | batch | INT8/FP32 median (min–max) | INT8 slower | "
+            "τ(FP32, INT8) | FP32-fastest 5 not INT8-fastest 5 | same fastest | "
+            "FP32-fastest 10 not INT8-fastest 10 | budget picks differ (25/50/75%) | "
+            "FP32 pick over INT8 budget |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for space, rt, bs, c in cmp_rows:
+            ratio = c["int8_over_fp32"]
+            diff = "/".join("no" if b["same_pick"] else "yes" for b in c["budget_top1_by_mmacs"])
+            over = sum(b["fp32_pick_violates_int8_budget"] for b in c["budget_top1_by_mmacs"])
+            lines.append(
+                f"| {space} | {rt} | {bs} | {ratio['median']:.2f} ({ratio['min']:.2f}–"
+                f"{ratio['max']:.2f}) | {c['int8_slower_than_fp32']}/{c['n']} | "
+                f"{c['kendall_tau_fp32_vs_int8']:.3f} | "
+                f"{c['fp32_fastest_5_not_int8_fastest_5']} | "
+                f"{'yes' if c['fp32_fastest_is_int8_fastest'] else 'no'} | "
+                f"{c['fp32_fastest_10_not_int8_fastest_10']} | {diff} | {over}/3 |"
+            )
     lines += [
         "",
         f"Load average (1 min) during each timed part, on {r['system']['logical_cores']} cores:",
@@ -385,10 +568,16 @@ def _markdown(r: dict) -> str:
                 f"* {space} / {rt}: before build {la['before_build']}, after build "
                 f"{la['after_build']}, after measuring {la['after_measure']}"
             )
-    s0 = next(iter(r["settings"].values()))
+    s0 = r["settings"].get("cell") or next(iter(r["settings"].values()))
     lines += [
         "",
         "Acceptance: ≥ 90% within ±10%, Kendall τ ≥ 0.85, table build ≤ 600 s.",
+        "",
+        "INT8 rows (`<runtime>-int8`): every block model, calibration network and evaluated "
+        "subnet is a PTQ copy made by ONNX Runtime static quantization (QDQ, uint8 per-tensor "
+        "activations, int8 symmetric per-channel weights, MinMax on random batches) with the "
+        "activation quantization laid out like the pipeline's deployed QAT export "
+        "(`nasforge.bench.timing_export.quantize_for_timing`).",
         "",
         "Method: a table holds every block of the space profiled through the shared harness "
         "(shape-preserving blocks as chains of 1 and 3 copies, the difference per copy; other "

@@ -44,6 +44,7 @@ DEFAULT_WORK = REPO / "benchmarks" / "results" / "space_coverage_run"
 CHECKPOINT = "checkpoint.jsonl"
 PLAN = "plan.json"
 SESSIONS = "sessions.jsonl"
+SUPERSEDED = "superseded.jsonl"
 WRITE_EVERY_S = 60.0
 PRINT_EVERY_S = 30.0
 
@@ -117,7 +118,9 @@ def _md(doc: dict[str, Any]) -> str:
         f"Parity (export stage, test split of 60 images): FP32 needs top-1 agreement >= "
         f"{t['fp32_min_top1']} and max |diff| <= {t['fp32_max_abs_diff']:g}; INT8 needs top-1 "
         f"agreement >= {t['int8_min_top1']} with the converted torch model, or max |diff| <= "
-        f"{t.get('int8_max_abs_diff', 'n/a')} (untrained networks have near-tied logits).",
+        f"{t.get('int8_max_abs_diff', 'n/a')}, or max |diff| <= {t.get('int8_rel_quant_error', 'n/a')} x "
+        "the converted torch model's own max |diff| from the FP32 model (untrained networks have "
+        "near-tied logits; the relative rule was added on 2026-12-02, see below).",
         "",
         "| space | runtime/precision | archs | min top-1 | mean top-1 | max abs diff |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -139,6 +142,18 @@ def _md(doc: dict[str, Any]) -> str:
         )
     if len(failed) > 100:
         lines.append(f"* ... and {len(failed) - 100} more (see the JSON)")
+    superseded = doc.get("superseded", [])
+    if superseded:
+        lines += [
+            "",
+            f"## Superseded results ({len(superseded)})",
+            "",
+            "Cases re-run after the INT8 parity rule changed (their first records are kept in "
+            f"`{SUPERSEDED}` in the checkpoint folder):",
+            "",
+        ]
+        for r in superseded:
+            lines.append(f"* {r['space']} `{r['arch']}`: {r['error']} ({r['superseded']})")
     return "\n".join(lines) + "\n"
 
 
@@ -177,6 +192,7 @@ def write_results(
         "settings": env.describe(),
         "system": system_info(threads=1),
         "checkpoint": str(Path(args.work) / CHECKPOINT),
+        "superseded": _read_jsonl(Path(args.work) / SUPERSEDED),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     _write_atomic(args.out / "space_coverage.json", json.dumps(doc, indent=2) + "\n")

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from nasforge import checkpoint
 from nasforge.config import Params, load_params
-from nasforge.errors import DataError, NasforgeError
+from nasforge.errors import DataError, NasforgeError, TargetError
+from nasforge.hardware.targets import get_target
 
 #: Under the runs folder: one sub-folder per unfinished run (state, kfp.local cache, work folders).
 RESUME_DIR = ".resume"
@@ -42,13 +43,15 @@ def preflight(params: Params) -> Params:
     Raises:
         NasforgeError: The dataset, a target or the tracking store cannot be used.
     """
-    from nasforge.hardware.targets import get_target
     from nasforge.tracking.mlflow_runs import check_reachable
 
     if params.data.source != "digits" and not Path(params.data.source).expanduser().exists():
         raise DataError(f"dataset not found: {params.data.source}")
     for name in params.targets:
-        get_target(name).check_available()
+        target = get_target(name)
+        if gpu_elsewhere(target):
+            continue  # searched with its latency table; its benchmark needs a GPU node
+        target.check_available()
     tracking = params.tracking.model_copy(
         update={
             "uri": _absolute_uri(params.tracking.uri),
@@ -60,6 +63,21 @@ def preflight(params: Params) -> Params:
     if data.source != "digits":
         data = data.model_copy(update={"source": str(Path(data.source).expanduser().absolute())})
     return params.model_copy(update={"tracking": tracking, "data": data})
+
+
+def gpu_elsewhere(target) -> bool:
+    """A GPU target this machine cannot run (its benchmark needs a GPU node)."""
+    from nasforge.search.setup import GPU_DEVICES
+
+    return target.kind == "runtime" and target.device in GPU_DEVICES and not target.is_available()
+
+
+def local_targets(params: Params) -> tuple[list[str], list[str]]:
+    """(targets benchmarked by this local run, GPU targets left to a GPU node)."""
+    here, elsewhere = [], []
+    for name in params.targets:
+        (elsewhere if gpu_elsewhere(get_target(name)) else here).append(name)
+    return here, elsewhere
 
 
 def _publish(report_dir: Path, runs_dir: Path) -> tuple[Path, dict]:
@@ -245,6 +263,18 @@ def run_local(params_path: str | Path, runs_dir: str | Path = "runs", fresh: boo
     )
     from nasforge.pipelines.nasforge_pipeline import build_pipeline, pipeline_arguments
 
+    here, elsewhere = local_targets(params)
+    for name in elsewhere:
+        problem = get_target(name).availability_problem()
+        print(
+            f"==> {name}: {problem} here; its benchmark needs a GPU node (the search uses its "
+            "latency table if one was profiled there); the other targets run",
+            flush=True,
+        )
+    if not here:
+        raise TargetError(
+            f"no target of {params.targets} can be benchmarked here; run on a GPU node"
+        )
     verb = "resuming" if resumed else "nasforge run"
     print(
         f"==> {verb} {run_name}: {len(params.targets)} target(s) {params.targets}, dataset {params.data.source}",
@@ -254,9 +284,9 @@ def run_local(params_path: str | Path, runs_dir: str | Path = "runs", fresh: boo
     t0 = time.perf_counter()
     _raise_on_sigterm()
     try:
-        task = build_pipeline(params.targets, retry=False)(
+        task = build_pipeline(here, retry=False)(
             params_json=params.to_json(),
-            **pipeline_arguments(params.targets),
+            **pipeline_arguments(here),
             run_name=run_name,
             parent_run_id=parent,
         )

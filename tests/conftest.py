@@ -31,6 +31,10 @@ TINY = {
     "prune": {"finetune_epochs": 1, "channel_ratio": 0.25},
     "qat": {"epochs": 1},
     "benchmark": {"batch_sizes": [1, 4], "warmup": 2, "repeats": 5},
+    # Models trained for 2 epochs (~60-70% on digits) have near-tied logits, so INT8 rounding
+    # flips a few more test answers than on a trained model: which candidates the search picks
+    # decides whether 0.99 holds. The gate itself is tested in test_parity_gate.py.
+    "export": {"parity_min_top1": 0.95},
     "targets": ["onnxruntime-cpu", "openvino-cpu"],  # dvc.yaml's foreach reads it from the file
     "dvc_candidates": [0, 1],
 }

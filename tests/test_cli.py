@@ -11,8 +11,15 @@ import pytest
 NASFORGE = [str(Path(sys.executable).parent / "nasforge")]
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(NASFORGE + args, cwd=cwd, capture_output=True, text=True, timeout=300)
+def _run(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    import os
+
+    full_env = {**os.environ, **env} if env else None
+    return subprocess.run(
+        NASFORGE + args, cwd=cwd, capture_output=True, text=True, timeout=300, env=full_env
+    )
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -56,7 +63,9 @@ def test_gpu_target_on_cpu_machine(tmp_path, digits_dir):
     proc = _search_with_targets(tmp_path, digits_dir, "tensorrt-gpu")
     if proc.returncode == 0:  # pragma: no cover - only on a machine with a GPU and TensorRT
         pytest.skip("this machine has a GPU with TensorRT")
-    _assert_one_line_error(proc, "tensorrt-gpu", "not available here")
+    # Nothing else to search for: the GPU target has no latency table here (checked before the
+    # supernet is trained, so the error comes within seconds).
+    _assert_one_line_error(proc, "tensorrt-gpu", "GPU node")
     assert not (tmp_path / "s").exists()
 
 
@@ -151,9 +160,35 @@ def test_profile_builds_a_calibrated_table(tmp_path):
     [
         (["--target", "no-such-target"], "onnxruntime-cpu"),  # lists the known targets
         (["--target", "onnxruntime-cpu", "--rounds", "0"], "rounds >= 1"),
+        (
+            ["--target", "onnxruntime-cpu", "--precision", "int4"],
+            "--precision must be fp32 or int8",
+        ),
+        (["--target", "onnxruntime-cpu-int8", "--precision", "fp32"], "contradicts"),
+        (["--target", "table:raspi4_latency_ms", "--precision", "int8"], "cannot be profiled"),
+        (["--target", "tensorrt-gpu", "--precision", "int8"], "tensorrt-gpu"),
     ],
 )
 def test_profile_bad_input(tmp_path, args, needle):
     proc = _run(["profile", *args, "--out", "t.json"], tmp_path)
     _assert_one_line_error(proc, needle)
     assert not (tmp_path / "t.json").exists()
+
+
+def test_profile_int8_builds_a_separate_quantized_table(tmp_path):
+    import json
+
+    proc = _run(
+        ["profile", "--target", "openvino-cpu", "--space", "cell", "--input-shape", "1,6,6",
+         "--channels", "4", "--num-classes", "4", "--batch-sizes", "1", "--threads", "1",
+         "--rounds", "1", "--calibration-networks", "3", "--precision", "int8"],
+        tmp_path,
+        env={"NASFORGE_LATENCY_TABLES": str(tmp_path / "tables")},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (path,) = (tmp_path / "tables").glob("openvino-cpu__cell__int8__*.json")
+    table = json.loads(path.read_text())
+    assert table["precision"] == table["machine"]["precision"] == "int8"
+    assert table["settings"]["quantization"]["format"] == "QDQ"
+    assert table["calibration"]["1"]["n_networks"] == 3
+    assert "int8 latency table for openvino-cpu" in proc.stdout

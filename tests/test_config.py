@@ -77,6 +77,7 @@ def test_darts_prior_needs_the_hybrid_strategy():
     from nasforge.config import params_from_dict
 
     with pytest.raises(ConfigError, match="search.prior.*only the 'hybrid' strategy"):
-        params_from_dict({"search": {"prior": "darts"}}, "p.yaml")
+        params_from_dict({"search": {"strategy": "regevo", "prior": "darts"}}, "p.yaml")
+    assert params_from_dict({"search": {"prior": "darts"}}).search.strategy == "hybrid"  # default
     ok = params_from_dict({"search": {"strategy": "hybrid", "prior": "darts"}}, "p.yaml")
     assert ok.search.prior == "darts"

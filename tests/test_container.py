@@ -39,7 +39,6 @@ TINY_PARAMS = {
     "search": {
         "supernet_epochs": 1,
         "trials": 2,
-        "population_size": 2,
         "max_candidates": 1,
         "batch_size": 32,
         "bn_recalibration_batches": 1,

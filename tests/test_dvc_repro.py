@@ -118,7 +118,6 @@ def test_changed_dataset_reruns_every_stage(tmp_path):
         search={
             "supernet_epochs": 1,
             "trials": 2,
-            "population_size": 2,
             "max_candidates": 1,
             "bn_recalibration_batches": 1,
         },

@@ -424,3 +424,200 @@ def test_time_interleaved_budget_quantile_and_samples(space: CellBlockSpace, tmp
         sessions, 1, 5, 3, budget_ms=1e-6, min_repeats=2, quantile=0.0, samples=runs
     )
     assert len(runs["a"]) == 6 and low["a"] == pytest.approx(min(runs["a"]))
+
+
+# ------------------------------------------------------------------------------ INT8 latency
+
+
+def _ort_optimized_ops(path: Path, tmp_path: Path) -> collections.Counter:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return _op_counts(tmp_path / "opt.onnx")
+
+
+def test_int8_timing_export_has_the_deployed_qdq_layout(space: CellBlockSpace, tmp_path: Path):
+    from nasforge.bench.timing_export import quantize_for_timing
+
+    net = space.build(CellSpec.from_arch_str(ARCH))
+    fp32 = export_for_timing(net, space.input_shape(), tmp_path / "f.onnx")
+    int8 = quantize_for_timing(fp32, tmp_path / "q.onnx", space.input_shape())
+    model = onnx.load(str(int8))
+    ops = _op_counts(int8)
+    assert ops["QuantizeLinear"] and ops["DequantizeLinear"] and "Identity" not in ops
+    assert ops["Conv"] == _op_counts(fp32)["Conv"]
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers = collections.defaultdict(list)
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i].append(n.op_type)
+    inits = {t.name: t for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    for conv in convs:
+        # every conv reads a quantized activation and per-channel int8 weights
+        assert producer[conv.input[0]].op_type == "DequantizeLinear"
+        wq = producer[conv.input[1]]
+        assert (
+            wq.op_type == "DequantizeLinear"
+            and inits[wq.input[0]].data_type == onnx.TensorProto.INT8
+        )
+        assert len(onnx.numpy_helper.to_array(inits[wq.input[1]])) == inits[wq.input[0]].dims[0]
+    # As deployed (torchao x86 quantizer): the stem's output (read by a pool, a ReLU and a sum)
+    # stays float, and no quantized pool or sum is left for ONNX Runtime to form.
+    stem = convs[0]
+    assert "QuantizeLinear" not in consumers[stem.output[0]]
+    opt = _ort_optimized_ops(int8, tmp_path)
+    assert opt["QLinearConv"] >= 1
+    assert not opt["QLinearAveragePool"] and not opt["QLinearAdd"]
+    assert not any(n.startswith("QLinear") for n in _ort_optimized_ops(fp32, tmp_path))
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime-cpu", "openvino-cpu"])
+@pytest.mark.parametrize("which", ["cell", "macro"])
+def test_int8_measure_mode(space, macro_space, runtime: str, which: str):
+    import random
+
+    from nasforge.hardware.predictor import measure_module
+
+    sp = space if which == "cell" else macro_space
+    spec = CellSpec.from_arch_str(ARCH) if which == "cell" else sp.sample(random.Random(1))
+    pred = LatencyPredictor([runtime], sp, mode="measure", threads=1, precision="int8")
+    ms = pred.predict(spec)[runtime]
+    assert ms > 0 and np.isfinite(ms)
+    d = pred.describe()[runtime]
+    assert d["source"] == "measured" and d["precision"] == "int8"
+    res = measure_module(sp.build(spec), runtime, sp.input_shape(), threads=1, repeats=3,
+                         precision="int8")  # fmt: skip
+    assert res.precision == "int8" and res.p50_ms > 0
+    assert "8" in res.executed_precision  # int8+fp32 (ORT) / f32+u8 (OpenVINO)
+    fp32 = measure_module(sp.build(spec), runtime, sp.input_shape(), threads=1, repeats=3)
+    assert fp32.precision == "fp32"
+
+
+def test_int8_table_build_predict_and_cache_separation(space: CellBlockSpace, tmp_path: Path):
+    from nasforge.hardware.predictor import table_path
+
+    spec = CellSpec.from_arch_str(ARCH)
+    msgs: list[str] = []
+    int8 = LatencyPredictor(["onnxruntime-cpu"], space, threads=1, table_dir=tmp_path,
+                            precision="int8", progress=msgs.append, **FAST)  # fmt: skip
+    assert int8.predict(spec)["onnxruntime-cpu"] > 0
+    assert any("int8 block models" in m for m in msgs)
+    d = int8.describe()["onnxruntime-cpu"]
+    assert d["source"] == "profiled-table" and d["precision"] == "int8"
+    assert [p.name.split("__")[2] for p in tmp_path.glob("*.json")] == ["int8"]
+    fp32 = LatencyPredictor(["onnxruntime-cpu"], space, threads=1, table_dir=tmp_path, **FAST)
+    assert fp32.describe()["onnxruntime-cpu"]["precision"] == "fp32"
+    assert sorted(p.name.split("__")[2] for p in tmp_path.glob("*.json")) == ["fp32", "int8"]
+    t8 = get_latency_table("onnxruntime-cpu", space, (1,), 1, tmp_path, build=False,
+                           precision="int8")  # fmt: skip
+    t32 = get_latency_table("onnxruntime-cpu", space, (1,), 1, tmp_path, build=False)
+    assert t8.precision == t8.machine["precision"] == "int8" and t32.precision == "fp32"
+    assert t8.settings["quantization"]["format"] == "QDQ"
+    assert t8.calibration[1].n_networks == FAST["calibration_networks"]
+    t8.check_machine(1)  # a saved INT8 table is this machine's INT8 table, not a foreign one
+    assert LatencyTable.load(next(tmp_path.glob("*__int8__*.json"))).precision == "int8"
+    # The precision is in the key and the file name; an INT8 target is INT8 regardless.
+    ort, ort8 = get_target("onnxruntime-cpu"), get_target("onnxruntime-cpu-int8")
+    paths = {table_path(ort, space, 1, tmp_path, p) for p in ("fp32", "int8")}
+    assert len(paths) == 2
+    assert "__int8__" in table_path(ort8, space, 1, tmp_path).name
+    with pytest.raises(TargetError, match="precision"):
+        LatencyPredictor(["onnxruntime-cpu"], space, precision="int4")
+
+
+def _synthetic_gpu_table(ort_table: LatencyTable, target: str, tmp_path: Path) -> Path:
+    d = ort_table.to_dict()
+    d["target"] = target
+    d["machine"] = {**d["machine"], "target": target, "cpu_model": "GPU node CPU",
+                    "gpu_model": "NVIDIA H200", "runtime_version": "1.99-gpu"}  # fmt: skip
+    path = tmp_path / f"{target}__cell__fp32__0123456789ab.json"
+    return LatencyTable.from_dict(d).save(path)
+
+
+@pytest.mark.parametrize("target", ["tensorrt-gpu", "onnxruntime-cuda"])
+def test_gpu_target_without_table_is_one_line_error(
+    space: CellBlockSpace, tmp_path: Path, target: str
+):
+    if get_target(target).is_available():  # pragma: no cover - only on a GPU machine
+        pytest.skip(f"{target} runs here")
+    with pytest.raises(TargetError) as err:
+        LatencyPredictor([target], space, threads=1, table_dir=tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and f"'{target}'" in msg
+    assert f"nasforge profile --target {target}" in msg and "table:" in msg
+    with pytest.raises(TargetError, match=f"'{target}' cannot be measured here"):
+        LatencyPredictor([target], space, mode="measure", threads=1)
+
+
+def test_gpu_target_with_table_predicts_without_the_runtime(
+    ort_table: LatencyTable, space: CellBlockSpace, tmp_path: Path, monkeypatch
+):
+    import nasforge.bench.harness as harness
+    import nasforge.hardware.latency_table as lt
+
+    if get_target("tensorrt-gpu").is_available():  # pragma: no cover - only on a GPU machine
+        pytest.skip("tensorrt-gpu runs here")
+    _synthetic_gpu_table(ort_table, "tensorrt-gpu", tmp_path)
+
+    def no_runtime(*_a, **_k):
+        raise AssertionError("the GPU runtime must not be started")
+
+    monkeypatch.setattr(harness, "open_session", no_runtime)
+    monkeypatch.setattr(lt, "open_session", no_runtime)
+    monkeypatch.setattr(lt, "build_latency_table", no_runtime)
+    pred = LatencyPredictor(["tensorrt-gpu"], space, threads=1, table_dir=tmp_path)
+    spec = CellSpec.from_arch_str(ARCH)
+    counts = space.block_counts(spec, ort_table.folds_constants)
+    assert pred.predict(spec)["tensorrt-gpu"] == pytest.approx(ort_table.predict_counts(counts, 1))
+    d = pred.describe()["tensorrt-gpu"]
+    assert d["source"] == "profiled-table" and d["profiled_elsewhere"]["gpu_model"] == "NVIDIA H200"
+    # An INT8 prediction needs an INT8 table: the FP32 one is not used for it.
+    with pytest.raises(TargetError, match="no int8 latency table"):
+        LatencyPredictor(["tensorrt-gpu"], space, threads=1, table_dir=tmp_path, precision="int8")
+
+
+def _qdq_layout(path: Path) -> collections.Counter:
+    """Per compute node: op type, which inputs are read through DequantizeLinear, and whether
+    its output is quantized (the head's pooling/flatten spelling differs between exporters)."""
+    g = onnx.load(str(path)).graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers = collections.defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            consumers[i].append(n.op_type)
+    skip = {"QuantizeLinear", "DequantizeLinear", "Identity", "Constant"}
+    head = {"GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "Gemm"}
+    out: collections.Counter = collections.Counter()
+    for n in g.node:
+        if n.op_type in skip | head:
+            continue
+        data = n.input[:1] if n.op_type in ("Conv", "BatchNormalization", "Clip") else n.input
+        dq = tuple(getattr(producer.get(i), "op_type", "") == "DequantizeLinear" for i in data)
+        out[(n.op_type, tuple(sorted(dq)), "QuantizeLinear" in consumers[n.output[0]])] += 1
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["cell", "macro"])
+def test_int8_timing_layout_matches_the_deployed_qat_export(
+    space, macro_space, tmp_path: Path, which: str
+):
+    import random
+
+    import torch
+
+    from nasforge.compress.qat import quantize_qat
+    from nasforge.export.onnx import export_int8
+
+    sp = space if which == "cell" else macro_space
+    spec = CellSpec.from_arch_str(ARCH) if which == "cell" else sp.sample(random.Random(1))
+    net = sp.build(spec).eval()
+    x = torch.randn(8, *sp.input_shape())
+    qat = quantize_qat(net, x, lambda gm: gm(x), reduce_range=False)
+    deployed = export_int8(qat.model, x, tmp_path / "deployed.onnx")
+    timing = export_for_timing(net, sp.input_shape(), tmp_path / "t.onnx", precision="int8")
+    assert _qdq_layout(timing) == _qdq_layout(deployed)

@@ -146,7 +146,7 @@ def macro_chain(tmp_path_factory, digits_dir):
 def test_macro_search_stage_writes_macro_candidates(macro_chain):
     pareto = json.loads((macro_chain["search"] / "pareto.json").read_text())
     assert pareto["space"] == "macro"
-    assert pareto["objectives"] == ["val_error", "latency_ms[onnxruntime-cpu]", "params"]
+    assert pareto["objectives"] == ["val_error", "latency_ms[onnxruntime-cpu]", "memory_mb"]
     assert pareto["phases"] == ["largest", "width"]
     teacher = MacroSpec.from_json(json.dumps(pareto["teacher"]["spec"]))
     assert teacher == MacroSpec((1,) * 4, (1.0,) * 4, (3,) * 4, (3,) * 4)

@@ -370,7 +370,8 @@ def test_macro_search_stage_writes_pareto(digits_dir, tmp_path) -> None:
     result = run_macro_search(params, digits_dir, tmp_path / "search", predictor)
     pareto = json.loads((tmp_path / "search" / "pareto.json").read_text())
     assert pareto["space"] == "macro"
-    assert pareto["objectives"] == ["val_error", "latency_ms[onnxruntime-cpu]", "params"]
+    assert pareto["objectives"] == ["val_error", "latency_ms[onnxruntime-cpu]", "memory_mb"]
+    assert all(r["metrics"]["memory_mb"] > r["metrics"]["size_mb"] > 0 for r in pareto["front"])
     assert all(r["objectives"]["latency_ms[onnxruntime-cpu]"] > 0 for r in pareto["front"])
     assert 1 <= len(pareto["candidates"]) <= params.search.max_candidates
     for cand in pareto["candidates"]:

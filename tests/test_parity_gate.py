@@ -77,7 +77,7 @@ def bench(tmp_path_factory, digits_dir) -> Path:
     out = root / "bench"
     execute(
         "benchmark",
-        tiny_params(targets=[TARGET]),
+        tiny_params(targets=[TARGET], export={"parity_min_top1": 0.99}),
         out,
         tracking=False,
         dataset=digits_dir,
@@ -94,7 +94,7 @@ def _doc(bench: Path, candidate: str) -> dict:
 def _promote_and_summarize(bench: Path, tmp_path: Path, monkeypatch) -> tuple[dict, dict, str]:
     """promote (real MLflow SQLite store in ``tmp_path``), then the report's summary and page."""
     monkeypatch.chdir(tmp_path)
-    p = with_tracking_db(tiny_params(targets=[TARGET]), tmp_path)
+    p = with_tracking_db(tiny_params(targets=[TARGET], export={"parity_min_top1": 0.99}), tmp_path)
     execute("promote", p, tmp_path / "promote", benchmarks=[bench])
     prom = json.loads((tmp_path / "promote" / "promotion.json").read_text())
     summary = build_summary(p, "run-1", prom, tmp_path / "search")

@@ -133,6 +133,48 @@ def _kill_run_during_search(cmd: list[str], cwd: Path, env: dict) -> str:
     return out
 
 
+def _teacher_memory_mb(params: dict) -> float:
+    from nasforge.search.subnet_metrics import model_memory
+    from nasforge.space.cell import CellNetworkShape, build_cell_network
+    from nasforge.supernet.cell_supernet import LARGEST_SPEC
+
+    shape = CellNetworkShape(1, 10, channels=params["space"]["channels"], cells_per_stage=1)
+    net = build_cell_network(LARGEST_SPEC, shape)
+    return model_memory(net, (1, 8, 8), "int8", 1)["memory_mb"]
+
+
+def _four_objectives_and_a_gpu_target() -> dict:
+    """TINY with objectives error, latency, memory, energy; a memory constraint that the largest
+    subnet (always evaluated first: the teacher) breaks; and a GPU target this machine lacks."""
+    params = json.loads(json.dumps(TINY))
+    params["search"]["objectives"] = ["error", "latency", "memory", "energy"]
+    params["search"]["constraints"] = [f"memory_mb <= {0.9 * _teacher_memory_mb(params):.6f}"]
+    params["targets"] = [*TINY["targets"], "tensorrt-gpu"]
+    return params
+
+
+def _check_pareto(root: Path, params: dict) -> None:
+    """The search's pareto.json: all four objectives, and feasible candidates only."""
+    (path,) = {p.resolve() for p in (root / "runs" / "kfp-local").rglob("pareto.json")}
+    pareto = json.loads(path.read_text())
+    kinds = set(pareto["objective_kinds"].values())
+    assert kinds == {"error", "latency", "memory", "energy"}
+    assert "latency_ms[onnxruntime-cpu]" in pareto["objectives"]
+    assert not any("tensorrt-gpu" in n for n in pareto["objectives"])  # no GPU table here
+    assert pareto["latency_sources"]["tensorrt-gpu"]["source"] == "not modelled"
+    assert pareto["precision"] == "int8"
+    bound = float(params["search"]["constraints"][0].split("<=")[1])
+    assert [c["metric"] for c in pareto["constraints"]] == ["memory_mb"]
+    history = json.loads((path.parent / "history.json").read_text())["trials"]
+    assert any(not t["feasible"] for t in history), "the constraint ruled nothing out"
+    assert len(pareto["candidates"]) == 2
+    for c in pareto["candidates"]:
+        assert c["feasible"] and c["metrics"]["memory_mb"] <= bound
+    assert pareto["metric_sources"]["energy_mj[onnxruntime-cpu]"].startswith(
+        ("estimated", "measured")
+    )
+
+
 @pytest.mark.slow
 def test_whole_dag_runs_with_kfp_local(tmp_path):
     """End to end: nasforge run on tiny settings (2 candidates x 2 targets), then check outputs.
@@ -140,7 +182,8 @@ def test_whole_dag_runs_with_kfp_local(tmp_path):
     The first attempt is killed (SIGKILL) in the middle of the search; running the same command
     again resumes it: prepare-data is not run again and the search keeps its finished trials.
     """
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    params = _four_objectives_and_a_gpu_target()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [str(Path(sys.executable).parent / "nasforge"), "run", "--params", "params.yaml"]
     first = _kill_run_during_search(cmd, tmp_path, env)
@@ -167,9 +210,13 @@ def test_whole_dag_runs_with_kfp_local(tmp_path):
         assert f"[{stage}] done" in proc.stdout, stage
     summary = json.loads((tmp_path / "runs" / "latest" / "summary.json").read_text())
     assert (tmp_path / "runs" / summary["run_id"] / "report.html").is_file()
-    assert set(summary["targets"]) == {"onnxruntime-cpu", "openvino-cpu"}
+    assert set(summary["targets"]) == {"onnxruntime-cpu", "openvino-cpu", "tensorrt-gpu"}
+    gpu = summary["targets"].pop("tensorrt-gpu")
+    assert not gpu["promoted"] and "needs a GPU node" in gpu["reason"]
+    assert "tensorrt-gpu: " in proc.stdout and "its benchmark needs a GPU node" in proc.stdout
     for s in summary["targets"].values():
         assert s["version"] and s["promoted"] and s["precision"] == "int8"
+    _check_pareto(tmp_path, params)
 
     # MLflow: one parent run with a nested run for every stage task, and the aliases.
     db = sqlite3.connect(tmp_path / "mlflow.db")

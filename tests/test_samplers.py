@@ -57,11 +57,11 @@ def test_registry_errors() -> None:
     with pytest.raises(ConfigError, match="needs an explicit search_space"):
         make_sampler("hybrid", 0, None, prior={"edge0": {"none": 1.0}})
     with pytest.raises(ConfigError, match="n_init"):
-        make_sampler("hybrid", 0, nb201.search_space(), n_init=1)
-    with pytest.raises(ConfigError, match="bad arguments"):
-        make_sampler("hybrid", 0, nb201.search_space(), colour="red")
-    with pytest.raises(ConfigError, match="bad arguments"):
-        make_sampler("optuna-tpe", 0, colour="red")
+        make_sampler("hybrid", 0, nb201.search_space(), options={"n_init": 1})
+    with pytest.raises(ConfigError, match="unknown option 'colour' for 'hybrid'; allowed: "):
+        make_sampler("hybrid", 0, nb201.search_space(), options={"colour": "red"})
+    with pytest.raises(ConfigError, match="unknown option 'colour' for 'optuna-tpe'"):
+        make_sampler("optuna-tpe", 0, options={"colour": "red"})
 
 
 @pytest.mark.parametrize("name", sorted(NASFORGE_SAMPLERS))

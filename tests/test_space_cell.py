@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from nasforge.space.cell import (
@@ -86,8 +87,8 @@ def test_is_connected():
     )
 
 
-def test_candidates_exclude_constant_and_inaccurate_subnets():
-    from nasforge.stages.search import select_candidates
+def test_candidates_exclude_inaccurate_subnets():
+    from nasforge.search.study import select_candidates
 
     def rec(i, arch, err, lat):
         spec = CellSpec.from_arch_str(arch)
@@ -98,17 +99,49 @@ def test_candidates_exclude_constant_and_inaccurate_subnets():
             "objectives": {"val_error": err, "lat": lat},
         }
 
-    dead = "|nor_conv_3x3~0|+|none~0|avg_pool_3x3~1|+|none~0|none~1|none~2|"
     records = [
         rec(0, LARGEST_SPEC.arch_str, 0.02, 1.0),
-        rec(1, dead, 0.90, 0.01),  # fastest, but a constant function
         rec(
             2, "|skip_connect~0|+|none~0|none~1|+|none~0|skip_connect~1|none~2|", 0.50, 0.1
-        ),  # too inaccurate
+        ),  # fastest, but too inaccurate
         rec(3, "|nor_conv_1x1~0|+|none~0|none~1|+|none~0|nor_conv_1x1~1|none~2|", 0.06, 0.3),
     ]
     chosen = select_candidates(records, ["val_error", "lat"], 3, accuracy_window=0.10)
     assert [c["trial"] for c in chosen] == [0, 3]
-    assert (
-        records[1]["rank"] == 0
-    )  # it is on the raw front, which is exactly why it must be excluded
+    assert records[1]["rank"] == 0  # on the front, but outside the accuracy window
+
+
+@pytest.mark.parametrize("strategy", ["optuna-random", "optuna-nsga2", "hybrid", "regevo"])
+def test_the_search_never_evaluates_a_disconnected_cell(strategy):
+    """Every strategy, over a cheap synthetic objective: no constant network is ever scored."""
+    from optuna.distributions import CategoricalDistribution
+
+    from nasforge.search.study import run_study
+    from nasforge.space.cell import is_connected
+    from nasforge.space.nb201 import OPS, PARAM_NAMES, search_space
+    from nasforge.stages.search import _connected, _describe_cell
+
+    seen = []
+
+    def evaluate(p):
+        spec = CellSpec(tuple(p[n] for n in PARAM_NAMES))
+        seen.append(spec)
+        # Rewards parameter-free cells: disconnected ones would look best if ever scored.
+        convs = sum(op.startswith("nor_conv") for op in spec.ops)
+        return {"val_error": 0.5 + 0.01 * convs, "lat": float(convs)}
+
+    records = run_study(
+        evaluate,
+        objectives=["val_error", "lat"],
+        distributions={n: CategoricalDistribution(list(OPS)) for n in PARAM_NAMES},
+        strategy=strategy,
+        seed=0,
+        trials=25,
+        storage=None,
+        study_name="t",
+        is_valid=_connected,
+        search_space=search_space(),
+        describe=_describe_cell,
+    )
+    assert len(records) == 25
+    assert len(seen) == 25 and all(is_connected(s) for s in seen)

@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="random whole networks timed to calibrate the table (>= 8 for the in-context fit)",
     )
+    p.add_argument(
+        "--precision",
+        default=None,
+        help="fp32 or int8 (int8: every block and calibration network is quantized, PTQ QDQ, "
+        "before timing; default the target's precision)",
+    )
     p.add_argument("--out", type=Path, default=None, help="table JSON (default: the table cache)")
 
     p = sub.add_parser("targets", help="list hardware targets and whether they are available here")
@@ -348,6 +354,18 @@ def _profile(args: argparse.Namespace) -> int:
     from nasforge.space.cell import CellNetworkShape
 
     target = get_target(args.target)
+    precision = args.precision
+    if precision is not None:
+        precision = precision.strip().lower()
+        if precision not in ("fp32", "int8"):
+            raise ConfigError(f"--precision must be fp32 or int8, got {args.precision!r}")
+        if precision == "fp32" and target.precision == "int8":
+            raise ConfigError(
+                f"--precision fp32 contradicts the INT8 target '{target.name}'; "
+                f"profile '{target.name.removesuffix('-int8')}' for FP32"
+            )
+    if target.kind != "runtime":
+        raise ConfigError(f"target '{target.name}' is a latency table; it cannot be profiled")
     target.check_available()
     c, h, w = _ints(args.input_shape, "--input-shape")
     shape = CellNetworkShape(c, args.num_classes, args.channels, args.cells_per_stage)
@@ -361,8 +379,9 @@ def _profile(args: argparse.Namespace) -> int:
         progress=lambda msg: print(f"  {msg}", flush=True),
         rounds=args.rounds,
         calibration_networks=args.calibration_networks,
+        precision=precision,
     )
-    print(f"latency table for {target.name} / {args.space}: {path}")
+    print(f"{table.precision} latency table for {target.name} / {args.space}: {path}")
     return 0
 
 

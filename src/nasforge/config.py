@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nasforge.errors import ConfigError
 
@@ -97,15 +97,39 @@ class SpaceParams(_Section):
 
 
 class SearchParams(_Section):
-    """Supernet training and multi-objective subnet search."""
+    """Supernet training and the multi-objective, constrained subnet search.
+
+    ``objectives`` and ``constraints`` are described in :mod:`nasforge.search.objectives`; the
+    budgets are constraints of the study too (:func:`nasforge.search.objectives.
+    budget_constraints`).
+    """
 
     supernet_epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(0.05, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
-    strategy: str = "optuna-nsga2"
+    strategy: str = Field(
+        "hybrid", description="search strategy (nasforge.search.samplers.STRATEGIES)"
+    )
+    sampler_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the strategy's own settings, e.g. {population_size: 8} for optuna-nsga2",
+    )
     trials: int = Field(40, ge=2)
-    population_size: int = Field(16, ge=2)
+    objectives: list[str] = Field(
+        default_factory=lambda: ["error", "latency", "memory"],
+        description="any of error, latency, memory, energy, params, macs (error is required)",
+    )
+    constraints: list[str] = Field(
+        default_factory=list,
+        description="'METRIC <= VALUE' / 'METRIC >= VALUE', e.g. 'memory_mb <= 0.5'",
+    )
+    budget_accuracy_margin: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="budgets.min_accuracy is asked of inherited-weight accuracy minus this much",
+    )
     max_candidates: int = Field(2, ge=1, description="Pareto candidates carried to training")
     candidate_accuracy_window: float = Field(
         0.10,
@@ -123,6 +147,66 @@ class SearchParams(_Section):
         description="'darts': a short DARTS run's op probabilities steer the 'hybrid' strategy",
     )
     darts_epochs: int = Field(5, ge=1, description="epochs of the DARTS run behind the prior")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "population_size" in data:
+            raise ValueError(
+                "search.population_size moved to search.sampler_options.population_size "
+                "(optuna-nsga2; sized to the trial budget when unset)"
+            )
+        return data
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        from nasforge.search.samplers import STRATEGIES
+
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; choose from {', '.join(STRATEGIES)}")
+        return v
+
+    @field_validator("sampler_options")
+    @classmethod
+    def _valid_options(cls, v: dict[str, Any], info: Any) -> dict[str, Any]:
+        from nasforge.search.samplers import validate_sampler_options
+
+        strategy = info.data.get("strategy")
+        if strategy is None:
+            return v
+        try:
+            return validate_sampler_options(strategy, v)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+
+    @field_validator("objectives")
+    @classmethod
+    def _valid_objectives(cls, v: list[str]) -> list[str]:
+        from nasforge.search.objectives import OBJECTIVE_KINDS
+
+        bad = [k for k in v if k not in OBJECTIVE_KINDS]
+        if bad:
+            raise ValueError(
+                f"unknown objective {bad[0]!r}; choose from {', '.join(OBJECTIVE_KINDS)}"
+            )
+        if len(set(v)) != len(v):
+            raise ValueError("lists an objective twice")
+        if "error" not in v:
+            raise ValueError("must include 'error' (a search without accuracy finds nothing)")
+        return v
+
+    @field_validator("constraints")
+    @classmethod
+    def _valid_constraints(cls, v: list[str]) -> list[str]:
+        from nasforge.search.objectives import parse_constraint
+
+        for text in v:
+            try:
+                parse_constraint(text, None, "constraint")
+            except ConfigError as err:
+                raise ValueError(str(err).removeprefix("constraint: ")) from None
+        return v
 
     @field_validator("prior")
     @classmethod
@@ -320,6 +404,10 @@ def params_from_dict(data: dict[str, Any], source: str = "params") -> Params:
             f"{source}: dvc_candidates: index {bad[0]} is outside 0..{params.search.max_candidates - 1}"
             " (search.max_candidates)"
         )
+    from nasforge.search.objectives import parse_constraint
+
+    for text in params.search.constraints:
+        parse_constraint(text, params.targets, f"{source}: search.constraints")
     return params
 
 

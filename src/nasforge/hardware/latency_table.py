@@ -20,8 +20,12 @@ inside a network, fitted on the networks with a ridge towards its profiled laten
 predictor benchmark on a busy machine).
 
 A table is versioned JSON (``schema``), keyed by CPU model, ISA flags, thread count, runtime and
-version, target, space and network configuration; :meth:`LatencyTable.check_machine` refuses a
-table from another machine.
+version, target, precision, space and network configuration; :meth:`LatencyTable.check_machine`
+refuses a table from another machine.
+
+INT8 tables (``precision="int8"``, or an ``-int8`` target) time every block model and every
+calibration network as a quickly calibrated PTQ copy in the QDQ layout the pipeline deploys
+(:func:`nasforge.bench.timing_export.quantize_for_timing`); the rest of the method is the same.
 """
 
 from __future__ import annotations
@@ -44,7 +48,13 @@ from scipy.optimize import nnls
 
 from nasforge.bench.harness import Session, open_session, time_session
 from nasforge.bench.sysinfo import physical_cores, system_info
-from nasforge.bench.timing_export import Exporter, export_for_timing
+from nasforge.bench.timing_export import (
+    PRECISIONS,
+    QUANTIZATION,
+    Exporter,
+    Precision,
+    export_for_timing,
+)
 from nasforge.errors import ModelFileError, TargetError
 from nasforge.hardware.spaces import BlockSpace
 from nasforge.hardware.targets import Target, get_target
@@ -52,26 +62,77 @@ from nasforge.hardware.targets import Target, get_target
 SCHEMA = "nasforge.latency_table/1"
 
 
-def machine_key(target: Target, threads: int) -> dict[str, Any]:
-    """What makes latencies comparable: CPU, ISA, threads, runtime and its version."""
+def resolve_precision(target: Target, precision: str | None = None) -> str:
+    """The precision a target is timed at: ``int8`` if asked or if the target is an INT8 one
+    (``onnxruntime-cpu-int8``), else ``fp32``.
+
+    Raises:
+        TargetError: Unknown precision.
+    """
+    if precision is not None and precision not in PRECISIONS:
+        raise TargetError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return "int8" if "int8" in (precision, target.precision) else "fp32"
+
+
+def session_target(target: Target) -> Target:
+    """The target to open timing sessions on: an INT8 target's FP32 twin (same runtime and
+    device), as the harness refuses files without Q/DQ nodes on INT8 targets, and an INT8
+    table also times blocks that have nothing to quantize (sums, pools, the baseline)."""
+    if target.precision != "int8":
+        return target
+    from nasforge.hardware.targets import _REGISTRY
+
+    for factory in _REGISTRY.values():
+        twin = factory()
+        if (twin.runtime, twin.device, twin.precision) == (target.runtime, target.device, "fp32"):
+            return twin
+    return target
+
+
+def _gpu_model() -> str:
+    """Name of the first NVIDIA GPU (``nvidia-smi``), or ``""``."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return ""
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return (out.strip().splitlines() or [""])[0].strip()
+
+
+def machine_key(target: Target, threads: int, precision: str | None = None) -> dict[str, Any]:
+    """What makes latencies comparable: CPU, ISA, threads, runtime and its version, precision
+    (see :func:`resolve_precision`) and, for GPU targets, the GPU model."""
     info = system_info(threads)
     runtime_version = info["versions"].get(target.runtime) or ""
-    return {
+    key = {
         "cpu_model": info["cpu_model"],
         "isa_flags": info["isa_flags"],
         "threads": threads,
         "runtime": target.runtime,
         "runtime_version": runtime_version,
         "target": target.name,
-        "precision": target.precision,
+        "precision": resolve_precision(target, precision),
     }
+    if target.device != "cpu":
+        key["gpu_model"] = _gpu_model()
+    return key
 
 
-def table_key(target: Target, space: BlockSpace, threads: int) -> str:
-    """Short stable hash naming a table file for (machine, target, space, network config)."""
+def table_key(target: Target, space: BlockSpace, threads: int, precision: str | None = None) -> str:
+    """Short stable hash naming a table file for (machine, target, precision, space, config)."""
+    machine = machine_key(target, threads, precision)
     blob = json.dumps(
-        {"machine": machine_key(target, threads), "space": space.name, "config": space.config()},
-        sort_keys=True,
+        {"machine": machine, "space": space.name, "config": space.config()}, sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -221,6 +282,7 @@ class LatencyTable:
         system: Full :func:`system_info` at build time.
         build_seconds: Wall time to build.
         created_utc: ISO timestamp.
+        precision: ``"fp32"`` or ``"int8"`` (blocks and networks timed as PTQ QDQ models).
     """
 
     target: str
@@ -237,6 +299,7 @@ class LatencyTable:
     folds_constants: bool = False
     block_stats: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     schema: str = SCHEMA
+    precision: str = "fp32"
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -308,7 +371,7 @@ class LatencyTable:
     def check_machine(self, threads: int | None = None) -> None:
         """Raise :class:`TargetError` if this table was built on other hardware or software."""
         tgt = get_target(self.target)
-        here = machine_key(tgt, int(threads or self.machine["threads"]))
+        here = machine_key(tgt, int(threads or self.machine["threads"]), self.precision)
         diff = [k for k in here if here[k] != self.machine.get(k)]
         if diff:
             k = diff[0]
@@ -335,6 +398,7 @@ class LatencyTable:
             "created_utc": self.created_utc,
             "folds_constants": self.folds_constants,
             "block_stats": self.block_stats,
+            "precision": self.precision,
         }
 
     @classmethod
@@ -361,6 +425,7 @@ class LatencyTable:
                 created_utc=str(d.get("created_utc", "")),
                 folds_constants=bool(d.get("folds_constants", False)),
                 block_stats={k: dict(v) for k, v in d.get("block_stats", {}).items()},
+                precision=str(d.get("precision", d["machine"].get("precision", "fp32"))),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFileError(f"latency table is malformed: {e!r}") from e
@@ -747,6 +812,7 @@ def build_latency_table(
     progress: Callable[[str], None] | None = None,
     budget_ms: float | None = 25.0,
     quantile: float = 0.0,
+    precision: Precision | None = None,
 ) -> LatencyTable:
     """Profile every block of ``space`` on ``target`` and calibrate on full networks.
 
@@ -772,6 +838,9 @@ def build_latency_table(
             the fastest run, was the most repeatable estimate on this project's shared 2-core
             machine (split-half difference 7% at batch 1, against 22% for the 10% quantile
             and 55% for the median, under a load average of 8-10); use 0.5 on a quiet machine.
+        precision: ``"int8"`` times every block model and calibration network as a PTQ QDQ
+            copy (:func:`nasforge.bench.timing_export.quantize_for_timing`); default the
+            target's own precision (see :func:`resolve_precision`).
 
     Returns:
         The :class:`LatencyTable` (not saved; call :meth:`LatencyTable.save`).
@@ -784,9 +853,8 @@ def build_latency_table(
         )
     if tgt.kind != "runtime":
         raise TargetError(f"target '{tgt.name}' is a latency table; it cannot be profiled")
+    prec = resolve_precision(tgt, precision)
     tgt.check_available()
-    if tgt.precision != "fp32":
-        raise TargetError(f"profiling '{tgt.name}': only fp32 targets can be profiled so far")
     threads = int(threads or physical_cores())
     batch_sizes = sorted({int(b) for b in batch_sizes})
     say = progress or (lambda _m: None)
@@ -801,9 +869,9 @@ def build_latency_table(
         for i, blk in enumerate([*blocks, space.baseline()]):
             for rep in (1, chain) if blk.chainable else (1,):
                 path = tmpdir / f"b{i}x{rep}.onnx"
-                export_for_timing(blk.module(rep), blk.input_shape, path, exporter)
+                export_for_timing(blk.module(rep), blk.input_shape, path, exporter, prec)
                 models[f"{blk.key}#{rep}"] = (path, blk.input_shape)
-        say(f"exported {len(models)} block models in {time.perf_counter() - t_start:.1f}s")
+        say(f"exported {len(models)} {prec} block models in {time.perf_counter() - t_start:.1f}s")
         stats = {blk.key: block_stats(blk.module(), blk.input_shape) for blk in blocks}
 
         rng = random.Random(seed)
@@ -812,7 +880,9 @@ def build_latency_table(
         for i, spec in enumerate(specs):
             p = tmpdir / f"net{i}.onnx"
             nets.append(
-                export_for_timing(space.build(spec), space.input_shape(), p, calibration_exporter)
+                export_for_timing(
+                    space.build(spec), space.input_shape(), p, calibration_exporter, prec
+                )
             )
         if nets:
             say(f"exported {len(nets)} calibration networks")
@@ -821,13 +891,14 @@ def build_latency_table(
         baselines: dict[int, float] = {}
         calibs: dict[int, Calibration] = {}
         for bs in batch_sizes:
+            run_on = session_target(tgt)
             sessions = {
-                k: open_session(p, tgt, bs, shape, threads) for k, (p, shape) in models.items()
+                k: open_session(p, run_on, bs, shape, threads) for k, (p, shape) in models.items()
             }
             # Calibration networks are timed in the same interleaved rounds as the blocks, so
             # both see the same machine state (load, frequency) and the fit relates like to like.
             for i, p in enumerate(nets):
-                sessions[f"net#{i}"] = open_session(p, tgt, bs, space.input_shape(), threads)
+                sessions[f"net#{i}"] = open_session(p, run_on, bs, space.input_shape(), threads)
             med = time_interleaved(
                 sessions, warmup, repeats, rounds, clock, budget_ms, quantile=quantile
             )
@@ -856,7 +927,8 @@ def build_latency_table(
         target=tgt.name,
         space=space.name,
         config=space.config(),
-        machine=machine_key(tgt, threads),
+        machine=machine_key(tgt, threads, prec),
+        precision=prec,
         folds_constants=folds,
         block_stats=stats,
         blocks=table_blocks,
@@ -874,6 +946,8 @@ def build_latency_table(
             "clock": clock,
             "budget_ms": budget_ms,
             "quantile": quantile,
+            "precision": prec,
+            **({"quantization": QUANTIZATION} if prec == "int8" else {}),
         },
         system=system_info(threads),
         build_seconds=time.perf_counter() - t_start,

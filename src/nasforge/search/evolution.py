@@ -7,8 +7,15 @@ from typing import Any
 import numpy as np
 
 from nasforge.errors import ConfigError
-from nasforge.search.base import ArchSampler, Prior, SearchSpace
-from nasforge.search.pareto import non_domination_rank
+from nasforge.search.base import (
+    ArchSampler,
+    ConstraintsFunc,
+    IsValid,
+    Prior,
+    SearchSpace,
+    violations,
+)
+from nasforge.search.pareto import constrained_rank
 
 
 def mutate(
@@ -45,8 +52,9 @@ class RegularizedEvolutionSampler(ArchSampler):
 
     The population is the ``population_size`` most recent completed trials (aging: old members
     drop out whatever their quality). A parent is the best of ``tournament_size`` random members,
-    "best" meaning lowest non-domination rank within the tournament (ties at random); the child
-    changes one parameter. Until the population is full, points are drawn at random (from the
+    "best" meaning lowest non-domination rank within the tournament (ties at random) under Deb's
+    constrained domination when there are constraints (feasible first, then less violation);
+    the child changes one parameter. Until the population is full, points are drawn at random (from the
     prior, if given). Children already evaluated are re-drawn.
 
     Args:
@@ -55,6 +63,8 @@ class RegularizedEvolutionSampler(ArchSampler):
         prior: optional op-probability prior for the initial points and mutations.
         population_size: members kept (aging window).
         tournament_size: members compared per parent selection.
+        constraints_func: Optuna's constraints (``<= 0`` satisfied), see :class:`ArchSampler`.
+        is_valid: ``params -> bool``; rejected points are never proposed.
     """
 
     def __init__(
@@ -64,20 +74,27 @@ class RegularizedEvolutionSampler(ArchSampler):
         prior: Prior | None = None,
         population_size: int = 40,
         tournament_size: int = 10,
+        *,
+        constraints_func: ConstraintsFunc | None = None,
+        is_valid: IsValid | None = None,
     ) -> None:
-        super().__init__(seed, search_space, prior)
+        super().__init__(
+            seed, search_space, prior, constraints_func=constraints_func, is_valid=is_valid
+        )
         if population_size < 2 or not 1 <= tournament_size <= population_size:
             raise ConfigError("regevo needs population_size >= 2 and 1 <= tournament <= population")
         self._pop = population_size
         self._tour = tournament_size
 
-    def propose(self, names, choices, done, losses, taken, prior):  # noqa: D102
+    def propose(self, names, choices, done, losses, taken, prior, constraints):  # noqa: D102
         if len(done) < self._pop:
             return self._fresh_random(choices, taken, prior)
         pop_x, pop_y = done[-self._pop :], losses[-self._pop :]
+        viol = violations(constraints)
+        pop_v = None if viol is None else viol[-self._pop :]
         for _ in range(50):
             sel = self._rng.choice(self._pop, size=self._tour, replace=False)
-            ranks = non_domination_rank(pop_y[sel])
+            ranks = constrained_rank(pop_y[sel], None if pop_v is None else pop_v[sel])
             best = sel[self._rng.choice(np.flatnonzero(ranks == ranks.min()))]
             child = mutate(self._rng, pop_x[best], choices, prior)
             if tuple(int(v) for v in child) not in taken:
@@ -90,7 +107,8 @@ class ProgressiveSampler(ArchSampler):
 
     Every ``stage_size`` completed trials starts a stage. At stage ``s``, each choice of each
     parameter is scored by how often trials using it reach the top ``elite_fraction`` of
-    non-domination ranks (Laplace-smoothed); a choice seen at least ``min_count`` times whose rate
+    non-domination ranks (Laplace-smoothed; with constraints, ranks under Deb's constrained
+    domination, so infeasible trials rank after every feasible one); a choice seen at least ``min_count`` times whose rate
     falls below ``s * shrink_step`` (capped at ``max_threshold``) times the best choice's rate is
     dropped; at least ``min_keep`` choices per parameter survive. Inside the remaining space,
     half the proposals mutate a non-dominated trial and half are drawn at random, so the search
@@ -107,6 +125,8 @@ class ProgressiveSampler(ArchSampler):
         max_threshold: cap of the threshold.
         min_count: evidence needed before a choice can be dropped.
         min_keep: choices always kept per parameter.
+        constraints_func: Optuna's constraints (``<= 0`` satisfied), see :class:`ArchSampler`.
+        is_valid: ``params -> bool``; rejected points are never proposed.
     """
 
     def __init__(
@@ -120,8 +140,13 @@ class ProgressiveSampler(ArchSampler):
         max_threshold: float = 0.6,
         min_count: int = 5,
         min_keep: int = 2,
+        *,
+        constraints_func: ConstraintsFunc | None = None,
+        is_valid: IsValid | None = None,
     ) -> None:
-        super().__init__(seed, search_space, prior)
+        super().__init__(
+            seed, search_space, prior, constraints_func=constraints_func, is_valid=is_valid
+        )
         if stage_size < 1 or not 0 < elite_fraction <= 1 or min_keep < 1:
             raise ConfigError("progressive needs stage_size >= 1, 0 < elite <= 1, min_keep >= 1")
         self._stage = stage_size
@@ -132,14 +157,18 @@ class ProgressiveSampler(ArchSampler):
         self._min_keep = min_keep
 
     def allowed_choices(
-        self, choices: list[list[Any]], done: np.ndarray, losses: np.ndarray
+        self,
+        choices: list[list[Any]],
+        done: np.ndarray,
+        losses: np.ndarray,
+        violation: np.ndarray | None = None,
     ) -> list[np.ndarray]:
         """Choice indices still allowed per parameter, given the completed trials."""
         stage = len(done) // self._stage
         full = [np.arange(len(c)) for c in choices]
         if stage == 0:
             return full
-        ranks = non_domination_rank(losses)
+        ranks = constrained_rank(losses, violation)
         cutoff = np.quantile(ranks, self._elite)
         good = ranks <= cutoff
         threshold = min(self._cap, stage * self._step)
@@ -154,9 +183,10 @@ class ProgressiveSampler(ArchSampler):
             allowed.append(np.flatnonzero(keep))
         return allowed
 
-    def propose(self, names, choices, done, losses, taken, prior):  # noqa: D102
-        allowed = self.allowed_choices(choices, done, losses)
-        front = done[non_domination_rank(losses) == 0] if len(done) else done
+    def propose(self, names, choices, done, losses, taken, prior, constraints):  # noqa: D102
+        viol = violations(constraints)
+        allowed = self.allowed_choices(choices, done, losses, viol)
+        front = done[constrained_rank(losses, viol) == 0] if len(done) else done
         for attempt in range(100):
             if len(front) and self._rng.random() < 0.5:
                 parent = front[self._rng.integers(len(front))]

@@ -20,12 +20,14 @@ from optuna.study._multi_objective import _fast_non_domination_rank, _is_pareto_
 from nasforge.errors import ConfigError
 
 __all__ = [
+    "constrained_rank",
     "hypervolume",
     "hypervolume_gap",
     "is_non_dominated",
     "non_domination_rank",
     "pareto_front",
     "to_losses",
+    "total_violation",
 ]
 
 
@@ -89,6 +91,45 @@ def non_domination_rank(losses: np.ndarray) -> np.ndarray:
     """Non-domination rank of every point (0 = on the front), as in NSGA-II."""
     arr = _as_2d(losses)
     return _fast_non_domination_rank(arr)
+
+
+def constrained_rank(losses: np.ndarray, violation: np.ndarray | None) -> np.ndarray:
+    """Rank under Deb's constrained domination (as Optuna's NSGA-II with ``constraints_func``).
+
+    Feasible points (total violation 0) come first, ranked by non-domination among themselves;
+    infeasible points follow, ordered by total violation (less is better; equal violations share
+    a rank). With ``violation`` None (no constraints) this is :func:`non_domination_rank`.
+
+    Args:
+        losses: ``(n, m)`` losses.
+        violation: ``(n,)`` total constraint violation, ``sum(max(c, 0))``; ``inf`` for a trial
+            whose constraints are unknown.
+    """
+    arr = _as_2d(losses)
+    if violation is None or len(arr) == 0:
+        return non_domination_rank(arr) if len(arr) else np.zeros(0, dtype=int)
+    v = np.asarray(violation, dtype=float).reshape(-1)
+    if v.shape != (len(arr),):
+        raise ConfigError(f"{len(v)} violations for {len(arr)} points")
+    feasible = v <= 0.0
+    ranks = np.zeros(len(arr), dtype=int)
+    top = 0
+    if feasible.any():
+        ranks[feasible] = non_domination_rank(arr[feasible])
+        top = int(ranks[feasible].max()) + 1
+    if (~feasible).any():
+        _, dense = np.unique(v[~feasible], return_inverse=True)
+        ranks[~feasible] = top + dense.reshape(-1)
+    return ranks
+
+
+def total_violation(constraints: np.ndarray) -> np.ndarray:
+    """``(n,)`` total violation ``sum(max(c, 0))`` of ``(n, k)`` constraint values (NaN: inf)."""
+    c = np.asarray(constraints, dtype=float)
+    if c.ndim != 2:
+        raise ConfigError(f"constraints must be (points x constraints), got shape {c.shape}")
+    out = np.clip(np.nan_to_num(c, nan=np.inf), 0.0, None).sum(axis=1)
+    return out
 
 
 def hypervolume(losses: np.ndarray, reference_point: np.ndarray | Sequence[float]) -> float:

@@ -12,6 +12,17 @@ HV gap ``1 - HV(found) / HV(true front of the whole table)`` in a region of inte
   ``(log10 c - min) / (max - min)`` over the table;
 * the reference point is 1.0 in every objective.
 
+**Constraints** (``COL:>=:VALUE`` / ``COL:<=:VALUE``, e.g. "accuracy >= 90") are given to every
+strategy through Optuna's ``constraints_func`` (violation ``VALUE - x`` for ``>=``, ``x - VALUE``
+for ``<=``; ``optuna-random`` ignores constraints). With constraints, the HV gap counts feasible
+cells only, both in what a search found and in the true front.
+
+**Degenerate cells** (no input-to-output path of non-``none`` edges: the cell outputs zeros, the
+network is a constant function) are never evaluated by any strategy: nasforge's samplers are told
+through ``is_valid`` and never propose one; Optuna's samplers are asked through
+:func:`nasforge.search.base.ask_valid`, which tells such a proposal PRUNED (not an evaluation, not
+counted in the budget) and asks again.
+
 Each strategy runs ``seeds`` independent studies of ``max(budgets)`` trials; the gap after the
 first ``b`` trials gives the result at budget ``b``. Strategies are compared by median and IQR
 over seeds, and by a Wilcoxon signed-rank test paired by seed against Optuna's ``NSGAIISampler``.
@@ -34,17 +45,62 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.trial import TrialState
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import FrozenTrial, TrialState
 from scipy.stats import wilcoxon
 from threadpoolctl import threadpool_limits
 
 from nasforge.errors import ConfigError, DataError
+from nasforge.search.base import INVALID_ATTR, ask_valid
 from nasforge.search.pareto import hypervolume, pareto_front
-from nasforge.search.samplers import STRATEGIES, make_sampler
+from nasforge.search.samplers import (
+    STRATEGIES,
+    default_sampler_options,
+    make_sampler,
+    validate_sampler_options,
+)
 from nasforge.space import nb201
 
 BASELINE = "optuna-nsga2"
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
+CONSTRAINT_OPS = (">=", "<=")
+Constraint = tuple[str, str, float]  # (column, ">=" | "<=", value)
+DEGENERATE_NOTE = (
+    "degenerate cells (no input-to-output path of non-none edges) are never evaluated: "
+    "nasforge's samplers get is_valid and never propose one; Optuna's are asked through "
+    "nasforge.search.base.ask_valid, which tells such a proposal PRUNED (no evaluation, not "
+    "counted in the budget) and asks again"
+)
+
+
+def is_connected_cell(params: dict[str, Any]) -> bool:
+    """Whether a NAS-Bench-201 cell given as params has an input-to-output path (not degenerate)."""
+    return any(nb201.active_edges(nb201.CellSpec.from_params(params)))
+
+
+def parse_constraint(spec: str, columns: Sequence[str] | None = None) -> Constraint:
+    """Parse ``"COL:>=:VALUE"`` or ``"COL:<=:VALUE"`` (e.g. ``cifar10_valid_acc:>=:90``).
+
+    Raises:
+        ConfigError: bad syntax, operator or value, or (with ``columns``) an unknown column.
+    """
+    parts = [p.strip() for p in spec.strip().rsplit(":", 2)]
+    if len(parts) != 3 or not parts[0]:
+        raise ConfigError(f"bad constraint {spec!r}; expected COLUMN:>=:VALUE or COLUMN:<=:VALUE")
+    col, op, value = parts
+    if op not in CONSTRAINT_OPS:
+        raise ConfigError(f"bad constraint operator {op!r} in {spec!r}; use >= or <=")
+    try:
+        v = float(value)
+    except ValueError:
+        raise ConfigError(
+            f"bad constraint value {value!r} in {spec!r}; expected a number"
+        ) from None
+    if not np.isfinite(v):
+        raise ConfigError(f"constraint value must be finite in {spec!r}")
+    if columns is not None and col not in columns:
+        raise ConfigError(f"unknown constraint column {col!r}; table has {', '.join(columns)}")
+    return (col, op, v)
 
 
 def _table_columns(table: Path) -> list[str]:
@@ -107,8 +163,12 @@ class TabularProblem:
         raw: ``(5**6, m)`` raw values indexed by canonical cell index (NaN where the table has
             no row for the cell).
         roi: ``(5**6, m)`` ROI losses (see the module docstring).
-        true_front: distinct non-dominated ROI losses of the whole table, inside the ROI.
+        true_front: distinct non-dominated ROI losses of the whole table (its feasible cells,
+            with constraints), inside the ROI.
         hv_true: hypervolume of the true front (reference point 1.0).
+        constraints: ``[(column, ">=" | "<=", value)]``.
+        violation: ``(5**6, k)`` constraint values per cell (``<= 0`` satisfied; NaN where the
+            table has no row).
     """
 
     table: Path
@@ -117,6 +177,22 @@ class TabularProblem:
     roi: np.ndarray
     true_front: np.ndarray = field(repr=False)
     hv_true: float = 0.0
+    constraints: list[Constraint] = field(default_factory=list)
+    violation: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def feasible(self) -> np.ndarray:
+        """``(5**6,)`` True where a cell satisfies every constraint (all True without)."""
+        if self.violation is None or self.violation.shape[1] == 0:
+            return np.ones(len(self.raw), dtype=bool)
+        return np.all(self.violation <= 0, axis=1)
+
+    def constraint_values(self, index: int) -> list[float]:
+        """Constraint values of one cell (``inf`` where the table has no row for it)."""
+        if self.violation is None:
+            return []
+        row = self.violation[index]
+        return [float(v) if np.isfinite(v) else float("inf") for v in row]
 
     @property
     def directions(self) -> list[str]:
@@ -127,23 +203,31 @@ class TabularProblem:
         """HV gap of the cells ``indices`` (canonical indices)."""
         if len(indices) == 0:
             return 1.0
-        pts = self.roi[np.asarray(indices, dtype=int)]
+        idx = np.asarray(indices, dtype=int)
+        pts = self.roi[idx[self.feasible[idx]]]
         pts = pts[np.all(np.isfinite(pts), axis=1)]
         return 1.0 - hypervolume(pts, np.ones(pts.shape[1])) / self.hv_true
 
 
-def load_problem(table: Path, objectives: list[tuple[str, str]]) -> TabularProblem:
-    """Read the table and build the ROI yardstick.
+def load_problem(
+    table: Path,
+    objectives: list[tuple[str, str]],
+    constraints: Sequence[Constraint] | None = None,
+) -> TabularProblem:
+    """Read the table and build the ROI yardstick (over the feasible cells, with constraints).
 
     Raises:
         DataError: unreadable table, bad ``arch_str`` or numbers, duplicate cells, non-positive
-            cost values, or no cell within the ROI.
-        ConfigError: unknown objective columns.
+            cost values, or no (feasible) cell within the ROI.
+        ConfigError: unknown objective or constraint columns, bad constraints.
     """
     table = Path(table)
     columns = _table_columns(table)
     parse_objectives(",".join(f"{c}:{d}" for c, d in objectives), columns)
+    constraints = [parse_constraint(f"{c}:{op}:{v!r}", columns) for c, op, v in constraints or []]
     m = len(objectives)
+    k = len(constraints)
+    cons_raw = np.full((nb201.NUM_ARCHS, k), np.nan)
     raw = np.full((nb201.NUM_ARCHS, m), np.nan)
     seen = np.zeros(nb201.NUM_ARCHS, dtype=bool)
     with table.open(newline="") as fh:
@@ -151,12 +235,14 @@ def load_problem(table: Path, objectives: list[tuple[str, str]]) -> TabularProbl
             try:
                 idx = nb201.CellSpec.from_arch_str(row["arch_str"]).to_index()
                 vals = [float(row[c]) for c, _ in objectives]
+                cvals = [float(row[c]) for c, _, _ in constraints]
             except (ConfigError, ValueError, TypeError) as exc:
                 raise DataError(f"{table}:{line}: {exc}") from exc
             if seen[idx]:
                 raise DataError(f"{table}:{line}: cell {row['arch_str']} appears twice")
             seen[idx] = True
             raw[idx] = vals
+            cons_raw[idx] = cvals
     if not seen.any():
         raise DataError(f"{table}: no rows")
     roi = np.full_like(raw, np.nan)
@@ -172,17 +258,31 @@ def load_problem(table: Path, objectives: list[tuple[str, str]]) -> TabularProbl
             lv = np.log10(v)
             span = lv.max() - lv.min()
             roi[seen, j] = (lv - lv.min()) / span if span > 0 else 0.0
-    inside = roi[seen][np.all(roi[seen] < 1.0, axis=1)]  # only the ROI counts
+    violation = np.full_like(cons_raw, np.nan)
+    for j, (col, op, value) in enumerate(constraints):
+        v = cons_raw[seen, j]
+        if not np.all(np.isfinite(v)):
+            raise DataError(f"{table}: constraint column {col!r} has missing or non-finite values")
+        violation[seen, j] = value - v if op == ">=" else v - value
+    ok = seen & np.all(violation <= 0, axis=1) if k else seen
+    inside = roi[ok][np.all(roi[ok] < 1.0, axis=1)]  # only the ROI counts
     front = pareto_front(inside) if len(inside) else inside
-    hv_true = hypervolume(front, np.ones(m))
+    hv_true = hypervolume(front, np.ones(m)) if len(inside) else 0.0
     if hv_true <= 0:
-        raise DataError(f"{table}: no cell inside the region of interest")
-    return TabularProblem(table, list(objectives), raw, roi, front, hv_true)
+        what = "feasible cell" if k else "cell"
+        raise DataError(f"{table}: no {what} inside the region of interest")
+    return TabularProblem(
+        table, list(objectives), raw, roi, front, hv_true, list(constraints), violation
+    )
 
 
 @cache
-def _cached_problem(table: str, objectives: tuple[tuple[str, str], ...]) -> TabularProblem:
-    return load_problem(Path(table), list(objectives))
+def _cached_problem(
+    table: str,
+    objectives: tuple[tuple[str, str], ...],
+    constraints: tuple[Constraint, ...] = (),
+) -> TabularProblem:
+    return load_problem(Path(table), list(objectives), list(constraints))
 
 
 def search_table(
@@ -196,12 +296,15 @@ def search_table(
     prior: dict[str, dict[str, float]] | None = None,
     sampler_kwargs: dict[str, Any] | None = None,
     fail_running: bool = True,
+    skip_degenerate: bool = True,
 ) -> optuna.Study:
     """Run (or resume) one search on the table until it has ``n_trials`` completed trials.
 
     Trials left RUNNING by a killed process are marked FAIL on resume (they never finished, so
     nothing is evaluated twice; nasforge's samplers also never re-propose them). Cells missing
-    from the table end as PRUNED trials and do not count toward ``n_trials``.
+    from the table end as PRUNED trials and do not count toward ``n_trials``; so do degenerate
+    cells (see the module docstring), which are never evaluated. The problem's constraints
+    reach the strategy through ``constraints_func``.
 
     Args:
         problem: the table problem.
@@ -212,15 +315,24 @@ def search_table(
         study_name: study name in the storage (needed to resume).
         on_evaluate: called with ``(trial number, canonical cell index)`` at each evaluation.
         prior: op-probability prior for strategies that take one.
-        sampler_kwargs: extra constructor arguments of the sampler.
+        sampler_kwargs: the strategy's options (:func:`nasforge.search.samplers.make_sampler`).
         fail_running: mark RUNNING trials FAIL before resuming; set False when other workers
             share the storage (their trials are running, not stale).
+        skip_degenerate: never evaluate cells without an input-to-output path.
 
     Returns:
         The study.
     """
+    is_valid = is_connected_cell if skip_degenerate else None
+    constraints_func = _TableConstraints(problem) if problem.constraints else None
     sampler = make_sampler(
-        strategy, seed, search_space=nb201.search_space(), prior=prior, **(sampler_kwargs or {})
+        strategy,
+        seed,
+        search_space=nb201.search_space(),
+        prior=prior,
+        constraints_func=constraints_func,
+        is_valid=is_valid,
+        options=sampler_kwargs,
     )
     study = optuna.create_study(
         storage=storage,
@@ -232,25 +344,45 @@ def search_table(
     if fail_running:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    ops = list(nb201.OPS)
-
-    def objective(trial: optuna.Trial) -> tuple[float, ...]:
-        spec = nb201.CellSpec(tuple(trial.suggest_categorical(p, ops) for p in nb201.PARAM_NAMES))
+    distributions = {p: CategoricalDistribution(list(nb201.OPS)) for p in nb201.PARAM_NAMES}
+    # Guard against endless loops on sparse tables: at most 10x the budget in trials overall
+    # (degenerate proposals are bounded by ask_valid's retries, not by this guard).
+    max_total = 10 * n_trials + 100
+    evaluated = len([t for t in study.trials if not t.user_attrs.get(INVALID_ATTR)])
+    while len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < n_trials:
+        if evaluated >= max_total:
+            return study
+        if is_valid is not None:
+            trial = ask_valid(study, distributions, is_valid)
+        else:
+            trial = study.ask(distributions)
+        evaluated += 1
+        spec = nb201.CellSpec.from_params(trial.params)
         idx = spec.to_index()
         if on_evaluate is not None:
             on_evaluate(trial.number, idx)
         vals = problem.raw[idx]
         if not np.all(np.isfinite(vals)):
-            raise optuna.TrialPruned(f"cell {spec.arch_str} not in the table")
-        return tuple(float(v) for v in vals)
+            study.tell(trial, state=TrialState.PRUNED)  # cell not in the table
+            continue
+        study.tell(trial, [float(v) for v in vals])
+    return study
 
-    # Guard against endless loops on sparse tables: at most 10x the budget in trials overall.
-    max_total = 10 * n_trials + 100
-    while True:
-        remaining = n_trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        if remaining <= 0 or len(study.trials) >= max_total:
-            return study
-        study.optimize(objective, n_trials=remaining)
+
+class _TableConstraints:
+    """``constraints_func`` of a table problem: looks the cell's values up (picklable)."""
+
+    def __init__(self, problem: TabularProblem) -> None:
+        self._problem = problem
+
+    def __call__(self, trial: FrozenTrial) -> list[float]:
+        idx = nb201.CellSpec.from_params(trial.params).to_index()
+        return self._problem.constraint_values(idx)
+
+
+def invalid_proposals(study: optuna.Study) -> int:
+    """Proposals :func:`nasforge.search.base.ask_valid` rejected in ``study``."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get(INVALID_ATTR))
 
 
 def _curve_points(budget: int) -> list[int]:
@@ -258,17 +390,17 @@ def _curve_points(budget: int) -> list[int]:
     return sorted(p for p in pts if 1 <= p <= budget)
 
 
-def _run_job(args: tuple[str, tuple[tuple[str, str], ...], str, int, int, list[int]]) -> dict:
-    table, objectives, strategy, seed, budget, checkpoints = args
+def _run_job(args: tuple) -> dict:
+    table, objectives, strategy, seed, budget, checkpoints, constraints, options = args
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     # One thread per worker: the pool already uses the cores, nested BLAS/torch pools only
     # contend (GPSampler runs torch).
     threadpool_limits(1)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
-    problem = _cached_problem(table, objectives)
+    problem = _cached_problem(table, objectives, constraints)
     t0, c0 = time.perf_counter(), time.process_time()
-    study = search_table(problem, strategy, seed, budget)
+    study = search_table(problem, strategy, seed, budget, sampler_kwargs=dict(options))
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     idx = [
@@ -279,8 +411,11 @@ def _run_job(args: tuple[str, tuple[tuple[str, str], ...], str, int, int, list[i
     return {
         "strategy": strategy,
         "seed": seed,
+        "budget": budget,
         "gaps": {b: problem.gap(idx[:b]) for b in checkpoints},
         "distinct": len(set(idx)),
+        "degenerate_skipped": invalid_proposals(study),
+        "feasible": int(problem.feasible[np.asarray(idx, dtype=int)].sum()) if idx else 0,
         "seconds": elapsed,
         "cpu_seconds": cpu,
     }
@@ -317,6 +452,8 @@ def run_bench_search(
     workers: int = 2,
     seeds_per_strategy: dict[str, int] | None = None,
     name: str = "search",
+    constraints: Sequence[Constraint] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> dict:
     """Benchmark strategies on a table; write ``<name>.json``, ``<name>.md``, ``<name>.png``.
 
@@ -331,6 +468,11 @@ def run_bench_search(
         workers: processes running (strategy, seed) jobs in parallel.
         seeds_per_strategy: fewer seeds for slow strategies, e.g. ``{"optuna-gp": 3}``.
         name: file stem of the outputs.
+        constraints: ``[(column, ">=" | "<=", value)]`` given to every strategy (see
+            :func:`parse_constraint`); the HV gap then counts feasible cells only.
+        options: ``{strategy: options}`` for :func:`nasforge.search.samplers.make_sampler`
+            (default: :func:`nasforge.search.samplers.default_sampler_options` for the largest
+            budget).
 
     Returns:
         The JSON document: ``{"problem": ..., "results": {strategy: {str(budget): {median_gap,
@@ -349,24 +491,64 @@ def run_bench_search(
         raise ConfigError("seeds and workers must be >= 1")
     strategies = list(dict.fromkeys([BASELINE, *strategies]))
     budgets = sorted({int(b) for b in budgets})
-    problem = load_problem(Path(table), list(objectives))  # validates before forking
+    constraints = [tuple(c) for c in constraints or []]
+    # validates before forking
+    problem = load_problem(Path(table), list(objectives), constraints)  # type: ignore[arg-type]
     max_budget = budgets[-1]
+    # Options per (strategy, run budget). A strategy whose defaults depend on the budget (NSGA-II's
+    # population) and has no user options runs once per budget, each sized to it; the others run
+    # max(budgets) trials once and are read at every budget.
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for s in strategies:
+        if options and s in options:
+            runs[s] = {max_budget: dict(options[s])}
+            continue
+        sized = {b: default_sampler_options(s, b) for b in budgets}
+        if all(o == sized[max_budget] for o in sized.values()):
+            runs[s] = {max_budget: sized[max_budget]}
+        else:
+            runs[s] = sized
+    for s, per_budget in runs.items():
+        for o in per_budget.values():
+            validate_sampler_options(s, o)
     checkpoints = sorted(set(_curve_points(max_budget)) | set(budgets))
     per = {s: min(seeds, (seeds_per_strategy or {}).get(s, seeds)) for s in strategies}
     jobs = [
-        (str(Path(table).resolve()), tuple(objectives), s, seed, max_budget, checkpoints)
+        (
+            str(Path(table).resolve()),
+            tuple(objectives),
+            s,
+            seed,
+            run_budget,
+            [c for c in checkpoints if c <= run_budget],
+            tuple(problem.constraints),
+            tuple(sorted(o.items())),
+        )
         for s in strategies
+        for run_budget, o in runs[s].items()
         for seed in range(per[s])
     ]
     jobs.sort(key=lambda j: j[2] != "optuna-gp")  # start the slowest first
     t0 = time.perf_counter()
     if workers == 1:
-        rows = [_run_job(j) for j in jobs]
+        job_rows = [_run_job(j) for j in jobs]
     else:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            rows = pool.map(_run_job, jobs, chunksize=1)
+            job_rows = pool.map(_run_job, jobs, chunksize=1)
     wall = time.perf_counter() - t0
+    rows = _merge_sized_runs(job_rows, runs, budgets)
     doc = _summarize(problem, strategies, budgets, checkpoints, rows)
+    doc["problem"]["sampler_options"] = {
+        s: (next(iter(o.values())) if len(o) == 1 else {f"budget {b}": v for b, v in o.items()})
+        for s, o in runs.items()
+    }
+    doc["degenerate_skipped_per_strategy"] = {
+        s: sum(r["degenerate_skipped"] for r in rows if r["strategy"] == s) for s in strategies
+    }
+    if problem.constraints:
+        doc["feasible_evaluations_per_strategy"] = {
+            s: sum(r["feasible"] for r in rows if r["strategy"] == s) for s in strategies
+        }
     doc["timing"] = {
         "wall_seconds": wall,
         "workers": workers,
@@ -383,6 +565,28 @@ def run_bench_search(
     _atomic_write(out / f"{name}.md", lambda p: p.write_text(markdown_table(doc)))
     _atomic_write(out / f"{name}.png", lambda p: plot_curves(doc, p))
     return doc
+
+
+def _merge_sized_runs(
+    job_rows: list[dict], runs: dict[str, dict[int, dict[str, Any]]], budgets: list[int]
+) -> list[dict]:
+    """One row per (strategy, seed): a budget-sized strategy's gap at budget ``b`` comes from its
+    run of ``b`` trials, its curve from the longest run; times are summed over its runs."""
+    out = []
+    for s, per_budget in runs.items():
+        mine = [r for r in job_rows if r["strategy"] == s]
+        if len(per_budget) == 1:
+            out += mine
+            continue
+        longest = max(per_budget)
+        for seed in sorted({r["seed"] for r in mine}):
+            rs = {r["budget"]: r for r in mine if r["seed"] == seed}
+            row = dict(rs[longest])
+            row["gaps"] = {**rs[longest]["gaps"], **{b: rs[b]["gaps"][b] for b in budgets}}
+            for key in ("seconds", "cpu_seconds", "degenerate_skipped"):
+                row[key] = sum(r[key] for r in rs.values())
+            out.append(row)
+    return out
 
 
 def _summarize(
@@ -443,6 +647,9 @@ def _summarize(
             "budgets": budgets,
             "baseline": BASELINE,
             "test": "Wilcoxon signed-rank, paired by seed, two-sided, vs optuna-nsga2",
+            "degenerate_cells": DEGENERATE_NOTE,
+            "constraints": [f"{c}:{op}:{v:g}" for c, op, v in problem.constraints],
+            "feasible_cells": int(problem.feasible[np.all(np.isfinite(problem.raw), axis=1)].sum()),
         },
         "results": results,
         "curves": curves,
@@ -455,8 +662,16 @@ def markdown_table(doc: dict) -> str:
     head = "| strategy | seeds | " + " | ".join(
         f"gap@{b} median [q25, q75] (p vs nsga2)" for b in budgets
     )
+    cons = doc["problem"].get("constraints") or []
+    extra = (
+        f" Constraints `{', '.join(cons)}`: the HV gap counts feasible cells only"
+        f" ({doc['problem'].get('feasible_cells')} feasible cells in the table)."
+        if cons
+        else ""
+    )
     lines = [
-        f"Objectives: `{', '.join(doc['problem']['objectives'])}` — {doc['problem']['metric']}.",
+        f"Objectives: `{', '.join(doc['problem']['objectives'])}` — {doc['problem']['metric']}."
+        + extra,
         "",
         head + " |",
         "|---|---:|" + "---|" * len(budgets),

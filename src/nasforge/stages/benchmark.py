@@ -4,6 +4,12 @@ For each precision: accuracy of the *exported* model on the test split (run by t
 runtime), latency p50/p90/p99 after warm-up and throughput per batch size, model size and peak
 memory. Table targets (``table:<column>``) cannot run models: their latency is the table's value
 for the architecture (labelled ``source: table``) and accuracy is measured with ONNX Runtime.
+Each precision also records its energy per inference (``energy`` at batch 1, ``energy_per_batch``
+per batch size): measured with RAPL/NVML by running the model where such a meter is readable
+here, from the table's ``<device>_energy_mj`` column for table targets that have one, otherwise
+estimated as documented power x latency; ``source`` and ``method`` always say which. ``memory``
+gives the weights per precision, the analytic peak activations at each batch size (ONNX graph)
+and the harness's measured peak / session RSS, each with its source.
 The models measured are copied into the output so promotion registers exactly these files.
 Each precision's result carries the export's parity check of the runtime measured (``parity``,
 absent when the export has none), which promotion requires to pass.
@@ -25,6 +31,7 @@ from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
 from nasforge.errors import ModelFileError
 from nasforge.hardware.energy import energy_per_inference
+from nasforge.hardware.memory import memory_report
 from nasforge.hardware.targets import get_target
 from nasforge.stages import StageResult
 from nasforge.stages.export import EXPORT_JSON, model_files
@@ -80,6 +87,73 @@ def _parity(export: dict[str, Any], runtime: str, precision: str) -> dict[str, A
     }
 
 
+def _energy(
+    t, latency: dict[str, dict[str, Any]], model: Path, arch_str: str, threads: int
+) -> dict[str, dict[str, Any]]:
+    """Energy per inference at each measured batch size, labelled measured or estimated.
+
+    A runtime target is measured by running ``model`` under a meter (RAPL, NVML) when one is
+    readable here; a table target reads its CSV's energy column when it has one; anything else is
+    estimated from the latency (see :func:`nasforge.hardware.energy.energy_per_inference`).
+    """
+    out = {}
+    for bs, lat in latency.items():
+        out[bs] = energy_per_inference(
+            t,
+            float(lat["p50_ms"]),
+            batch_size=int(bs),
+            threads=threads,
+            model_path=model if t.kind == "runtime" else None,
+            arch_str=arch_str,
+        )
+    return out
+
+
+MEMORY_SOURCES = {
+    "weights": "model: weight count of the ONNX initializers x bytes per element "
+    "(fp32 4, fp16 2, int8 1 + 5 bytes per output channel for scale and zero-point)",
+    "peak_activation": "model: peak live activations in ONNX graph order, shapes from ONNX "
+    "shape inference at each batch size (no in-place reuse; an upper bound)",
+    "measured_rss": "measured: process resident-memory high-water mark (psutil) while the "
+    "benchmark harness built and ran the session; session = peak minus RSS before the session",
+}
+
+
+def _memory(
+    onnx_file: Path,
+    precision: str,
+    batch_sizes: list[int],
+    latency: dict[str, dict[str, Any]],
+    size_bytes: int,
+    t,
+) -> dict[str, Any]:
+    """Memory of one exported model: weights, analytic peak activations, measured RSS."""
+    out: dict[str, Any] = {"precision": precision, "file_bytes": size_bytes}
+    sources = dict(MEMORY_SOURCES)
+    try:
+        reports = {str(bs): memory_report(onnx_file, int(bs)) for bs in batch_sizes}
+    except Exception as err:  # noqa: BLE001 - memory is informative; never fail the benchmark
+        out.update(source={"weights": f"not available: {err}"}, error=str(err))
+        return out
+    first = reports[next(iter(reports))]
+    out["param_count"] = first.param_count
+    out["weights_bytes"] = first.param_bytes.get(precision, first.param_bytes["fp32"])
+    out["weights_bytes_per_precision"] = first.param_bytes
+    out["peak_activation_bytes"] = {bs: r.peak_activation_bytes for bs, r in reports.items()}
+    measured = {bs: lat for bs, lat in latency.items() if "peak_rss_bytes" in lat}
+    if measured:
+        out["measured_peak_rss_bytes"] = {bs: m["peak_rss_bytes"] for bs, m in measured.items()}
+        out["measured_session_rss_bytes"] = {
+            bs: m.get("session_rss_bytes") for bs, m in measured.items()
+        }
+        runtime = next(iter(measured.values())).get("runtime", t.name)
+        sources["measured_rss"] += f" ({runtime} on {t.name})"
+    else:
+        sources["measured_rss"] = f"not measured: {t.name} is a table target (no model runs)"
+    out["source"] = sources
+    return out
+
+
 def benchmark_one(params: Params, data, exported: Path, t, output_root: Path) -> dict[str, Any]:
     """Benchmark one export folder on target ``t``; write ``<output_root>/<candidate>/``."""
     f = Path(exported) / EXPORT_JSON
@@ -118,12 +192,17 @@ def benchmark_one(params: Params, data, exported: Path, t, output_root: Path) ->
         dest.mkdir(parents=True, exist_ok=True)
         for src in files:
             shutil.copy2(src, dest / src.name)
-        p50_b1 = latency.get("1", next(iter(latency.values())))["p50_ms"]
+        energy = _energy(t, latency, files[0], export["arch_str"], threads)
+        first = "1" if "1" in energy else next(iter(energy))
+        size = sum(s.stat().st_size for s in files)
+        onnx_file = model_files(exported, "onnxruntime", precision)[0]
         results[precision] = {
             "test_accuracy": acc,
-            "size_bytes": sum(s.stat().st_size for s in files),
+            "size_bytes": size,
             "latency": latency,
-            "energy": energy_per_inference(t, p50_b1),
+            "energy": energy[first],
+            "energy_per_batch": energy,
+            "memory": _memory(onnx_file, precision, bp.batch_sizes, latency, size, t),
             "files": [f"model/{precision}/{s.name}" for s in files],
         }
         parity = _parity(export, runtime, precision)

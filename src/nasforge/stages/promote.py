@@ -106,6 +106,15 @@ def _rejected_text(x: dict[str, str]) -> str:
     return f"{x['candidate']}/{x['precision']}: {x['reason']}"
 
 
+def _not_benchmarked(target: str) -> str:
+    from nasforge.hardware.targets import get_target
+
+    problem = get_target(target).availability_problem()
+    if problem:
+        return f"not benchmarked: {problem} here; its benchmark needs a GPU node"
+    return "no benchmark results for this target"
+
+
 def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> StageResult:
     """Decide and register per target; ``run_id`` is the MLflow run that stores the model files."""
     entries = load_benchmarks(benchmarks)
@@ -123,7 +132,7 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
             why = (
                 "; ".join(map(_rejected_text, rejected))
                 if rejected
-                else "no benchmark results for this target"
+                else _not_benchmarked(target)
             )
             decisions.append(
                 Decision(

@@ -1,10 +1,14 @@
 """search: train a weight-sharing supernet, then search its subnets for the Pareto set.
 
-Objectives (all minimised): validation error of the subnet with inherited weights (after BN
-recalibration), latency on every target (measured here for runtime targets, looked up for table
-targets), and parameter count. The search is an Optuna study whose sampler comes from
+Objectives (``search.objectives``, all minimised; :mod:`nasforge.search.objectives`): validation
+error of the subnet with inherited weights (after BN recalibration), latency of the deployed
+precision on every target (measured here or predicted from a profiled table for runtime targets,
+looked up for table targets, from a GPU node's table for GPU targets), memory, energy,
+parameters, MACs. ``search.constraints`` and the budgets are constraints of the study; degenerate
+cells (no input-to-output path) are never evaluated. The search is an Optuna study
+(:func:`nasforge.search.study.run_study`) whose sampler comes from
 :func:`nasforge.search.samplers.make_sampler` — the same strategy code as the tabular benchmark —
-stored in SQLite in the output folder, so a killed search resumes without re-evaluating trials.
+kept in the stage's work folder, so a killed search resumes without re-evaluating trials.
 """
 
 from __future__ import annotations
@@ -12,24 +16,33 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import optuna
 import torch
+from optuna.distributions import CategoricalDistribution
 from safetensors.torch import save_file
 
 from nasforge.checkpoint import checkpoint_for, current_work_dir
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
-from nasforge.hardware.predictor import LatencyPredictor
 from nasforge.hardware.spaces import CellBlockSpace
-from nasforge.hardware.targets import Target, get_target
-from nasforge.search.pareto import non_domination_rank
-from nasforge.search.samplers import make_sampler
-from nasforge.space.cell import CellNetworkShape, count_parameters, is_connected
+from nasforge.search.setup import (
+    SearchPredictor,
+    deployed_precision,
+    objective_setup,
+    resolve_targets,
+    sampler_options,
+)
+from nasforge.search.study import (
+    finish_search,
+    pareto_fields,
+    run_study,
+    select_candidates,
+    skipped_trials,
+)
+from nasforge.search.subnet_metrics import SubnetMetrics
+from nasforge.space.cell import CellNetworkShape, is_connected
 from nasforge.space.nb201 import OPS, PARAM_NAMES, CellSpec, search_space
 from nasforge.stages import StageResult
 from nasforge.supernet.cell_supernet import (
@@ -55,127 +68,13 @@ def network_shape(
     )
 
 
-def resolve_targets(names: list[str]) -> list[Target]:
-    """Look up every target and check it can be used here (one-line TargetError otherwise)."""
-    targets = [get_target(n) for n in names]
-    for t in targets:
-        t.check_available()
-    return targets
+def _connected(params: dict[str, Any]) -> bool:
+    return is_connected(CellSpec(tuple(params[n] for n in PARAM_NAMES)))
 
 
-class SubnetEvaluator:
-    """Scores subnets of a trained supernet on every objective; caches repeated specs."""
-
-    def __init__(
-        self, supernet: CellSupernet, params: Params, data, predictor: LatencyPredictor
-    ) -> None:
-        self.supernet = supernet
-        self.params = params
-        self.predictor = predictor
-        self.x_train, _ = data.tensors("train")
-        self.x_val, self.y_val = data.tensors("val")
-        self.cache: dict[str, dict[str, float]] = {}
-
-    def objective_names(self) -> list[str]:
-        """Names of the objectives, in the study's order."""
-        return (
-            ["val_error"] + [f"latency_ms[{t.name}]" for t in self.predictor.targets] + ["params"]
-        )
-
-    def evaluate(self, spec: CellSpec) -> dict[str, float]:
-        """All objective values of ``spec`` (cached by ``arch_str``)."""
-        if spec.arch_str in self.cache:
-            return self.cache[spec.arch_str]
-        self.supernet.set_active_subnet(spec)
-        subnet = self.supernet.get_active_subnet()
-        nb = self.params.search.bn_recalibration_batches
-        if nb:
-            bs = self.params.search.batch_size
-            recalibrate_bn(subnet, [self.x_train[i * bs : (i + 1) * bs] for i in range(nb)])
-        values = {"val_error": 1.0 - accuracy(subnet, self.x_val, self.y_val)}
-        for name, ms in self.predictor.predict(spec).items():
-            values[f"latency_ms[{name}]"] = float(ms)
-        values["params"] = float(count_parameters(subnet))
-        self.cache[spec.arch_str] = values
-        return values
-
-
-def resume_study(study: optuna.Study) -> int:
-    """Prepare a study that a killed search left behind; returns its finished trials.
-
-    A trial still RUNNING was being evaluated when the process died (one process owns a local
-    study): it is marked FAIL so it is neither counted nor waited for, and its architecture is
-    proposed again by the sampler if it is still worth it.
-    """
-    finished = 0
-    for t in study.trials:
-        if t.state == optuna.trial.TrialState.RUNNING:
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        elif t.state == optuna.trial.TrialState.COMPLETE:
-            finished += 1
-    if finished:
-        print(f"  resumed the search: {finished} finished trials kept", flush=True)
-    return finished
-
-
-def _connected_cell(record: dict[str, Any]) -> bool:
-    return is_connected(CellSpec(tuple(record["ops"])))
-
-
-def select_candidates(
-    records: list[dict[str, Any]],
-    names: list[str],
-    k: int,
-    accuracy_window: float = 1.0,
-    structurally_valid: Callable[[dict[str, Any]], bool] = _connected_cell,
-) -> list[dict[str, Any]]:
-    """Pick up to ``k`` candidates: the first non-dominated front, spread over accuracy, then the next
-    fronts if the first is smaller than ``k``. Each record gets its ``rank``.
-
-    Only eligible subnets are picked: ``structurally_valid`` ones (for cells: connected — a
-    disconnected cell is a constant function, trivially "optimal" on latency and size) within
-    ``accuracy_window`` of the best validation accuracy (the same region of interest as the
-    tabular benchmark's metric).
-
-    Raises:
-        ConfigError: No trials, or none eligible.
-    """
-    from nasforge.errors import ConfigError
-
-    if not records:
-        raise ConfigError("the search produced no trials")
-    losses = np.array([[r["objectives"][n] for n in names] for r in records], dtype=float)
-    ranks = non_domination_rank(losses)
-    for r, rank in zip(records, ranks, strict=True):
-        r["rank"] = int(rank)
-    best_err = min(r["objectives"]["val_error"] for r in records)
-    eligible = [
-        r
-        for r in records
-        if structurally_valid(r)
-        and r["objectives"]["val_error"] <= best_err + accuracy_window + 1e-12
-    ]
-    if not eligible:
-        raise ConfigError("the search found no connected subnet; raise search.trials")
-    # Ranks among the eligible only, so a dominated-but-eligible subnet can fill the set.
-    elig_losses = np.array([[r["objectives"][n] for n in names] for r in eligible], dtype=float)
-    elig_ranks = non_domination_rank(elig_losses)
-    chosen: list[dict[str, Any]] = []
-    for rank in sorted(set(int(x) for x in elig_ranks)):
-        front = sorted(
-            (r for r, rk in zip(eligible, elig_ranks, strict=True) if rk == rank),
-            key=lambda r: r["objectives"]["val_error"],
-        )
-        need = k - len(chosen)
-        if need <= 0:
-            break
-        if len(front) <= need:
-            chosen.extend(front)
-        else:
-            # Evenly spaced along the front, always keeping its most accurate member.
-            idx = np.unique(np.round(np.linspace(0, len(front) - 1, need)).astype(int))
-            chosen.extend(front[i] for i in idx)
-    return chosen
+def _describe_cell(p: dict[str, Any]) -> dict[str, Any]:
+    spec = CellSpec(tuple(p[n] for n in PARAM_NAMES))
+    return {"arch_str": spec.arch_str, "ops": list(spec.ops)}
 
 
 def run(params: Params, dataset: Path, output: Path) -> StageResult:
@@ -190,8 +89,14 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
     data = load_prepared(dataset)
     torch.manual_seed(params.run.seed)
     shape = network_shape(params, data.input_shape, data.num_classes)
+    # Latency models first: a target that cannot be modelled fails before the supernet trains.
+    precision = deployed_precision(params)
+    predictor = SearchPredictor(
+        targets, CellBlockSpace(shape, data.input_shape[1:]), params, precision
+    )
     supernet = CellSupernet(shape)
     x_train, y_train = data.tensors("train")
+    x_val, y_val = data.tensors("val")
 
     work = current_work_dir() or output
     t0 = time.perf_counter()
@@ -214,88 +119,72 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
         str(output / "supernet.safetensors"),
     )
 
-    predictor = LatencyPredictor(
-        targets,
-        CellBlockSpace(shape, data.input_shape[1:]),
-        batch_size=sp.latency_batch_size,
-        mode=sp.latency_source,
-        threads=params.run.threads,
-        progress=lambda msg: print(f"  {msg}", flush=True),
+    setup = objective_setup(params, predictor)
+    measurer = SubnetMetrics(
+        predictor, data.input_shape, precision, sp.latency_batch_size, params.run.threads
     )
-    evaluator = SubnetEvaluator(supernet, params, data, predictor)
-    names = evaluator.objective_names()
+    nb, bs = sp.bn_recalibration_batches, sp.batch_size
+    calibration = [x_train[i * bs : (i + 1) * bs] for i in range(nb)]
+    cache: dict[str, dict[str, float]] = {}
+
+    def evaluate(p: dict[str, Any]) -> dict[str, float]:
+        spec = CellSpec(tuple(p[n] for n in PARAM_NAMES))
+        if spec.arch_str not in cache:
+            supernet.set_active_subnet(spec)
+            subnet = supernet.get_active_subnet()
+            if calibration:
+                recalibrate_bn(subnet, calibration)
+            acc = accuracy(subnet, x_val, y_val)
+            cache[spec.arch_str] = {
+                "val_error": 1.0 - acc,
+                "val_accuracy": acc,
+                **measurer.measure(subnet, spec, spec.arch_str),
+            }
+        return cache[spec.arch_str]
+
     prior, darts = (
         darts_prior(params, shape, x_train, y_train) if sp.prior == "darts" else (None, None)
     )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    t1 = time.perf_counter()
     # The study lives in the work folder, which outlives a killed attempt: a rerun keeps every
     # finished trial. It is copied into the output when the search is done.
-    study = optuna.create_study(
-        study_name=STUDY_NAME,
+    records = run_study(
+        evaluate,
+        objectives=setup["objectives"],
+        distributions={n: CategoricalDistribution(list(OPS)) for n in PARAM_NAMES},
+        strategy=sp.strategy,
+        seed=params.run.seed,
+        trials=sp.trials,
         storage=f"sqlite:///{work / 'study.db'}",
-        directions=["minimize"] * len(names),
-        sampler=make_sampler(
-            sp.strategy, params.run.seed, search_space=search_space(), prior=prior
-        ),
-        load_if_exists=True,
+        study_name=STUDY_NAME,
+        constraints=setup["constraints"],
+        is_valid=_connected,
+        search_space=search_space(),
+        prior=prior,
+        sampler_options=sampler_options(params),
+        # The largest subnet is the distillation teacher; evaluating it first anchors the front.
+        first=dict(zip(PARAM_NAMES, LARGEST_SPEC.ops, strict=True)),
+        describe=_describe_cell,
+        progress=lambda msg: print(f"  {msg}", flush=True),
     )
-    resume_study(study)
-    study.set_metric_names(names)
-    distributions = {
-        n: optuna.distributions.CategoricalDistribution(list(OPS)) for n in PARAM_NAMES
-    }
-
-    # The largest subnet is the distillation teacher; evaluating it first also anchors the front.
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not done:
-        study.enqueue_trial({n: op for n, op in zip(PARAM_NAMES, LARGEST_SPEC.ops, strict=True)})
-    t1 = time.perf_counter()
-    while len(done) < sp.trials:
-        # One sampler per trial, seeded by the trial's number: its proposals depend only on the
-        # finished trials in the study, so a resumed search proposes what an uninterrupted one
-        # would have (the strategies keep their state in the study, not in the sampler).
-        study.sampler = make_sampler(
-            sp.strategy,
-            params.run.seed + len(done),
-            search_space=search_space(),
-            prior=prior,
-        )
-        trial = study.ask(distributions)
-        spec = CellSpec(tuple(trial.params[n] for n in PARAM_NAMES))
-        values = evaluator.evaluate(spec)
-        study.tell(trial, [values[n] for n in names])
-        trial_no = len(done) + 1
-        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if trial_no % max(1, sp.trials // 5) == 0 or trial_no == sp.trials:
-            print(
-                f"  search trial {trial_no}/{sp.trials}: {spec.arch_str} err={values['val_error']:.3f}",
-                flush=True,
-            )
     search_seconds = time.perf_counter() - t1
     if work != output:
         shutil.copy2(work / "study.db", output / "study.db")
-
-    records = []
-    for t in done:
-        spec = CellSpec(tuple(t.params[n] for n in PARAM_NAMES))
-        records.append(
-            {
-                "trial": t.number,
-                "arch_str": spec.arch_str,
-                "ops": list(spec.ops),
-                "objectives": dict(zip(names, t.values, strict=True)),
-            }
-        )
-    candidates = select_candidates(records, names, sp.max_candidates, sp.candidate_accuracy_window)
+    candidates = select_candidates(
+        records,
+        setup["objectives"],
+        sp.max_candidates,
+        sp.candidate_accuracy_window,
+        setup["constraints"],
+    )
     pareto = {
-        "objectives": names,
+        "space": "cell",
         "shape": shape.to_dict(),
         "teacher": {"arch_str": LARGEST_SPEC.arch_str},
         "targets": [t.describe() for t in targets],
         "latency_sources": predictor.describe(),
-        "candidates": [{"id": f"cand-{i}", **c} for i, c in enumerate(candidates)],
-        "front": [r for r in records if r["rank"] == 0],
-        "energy": "estimated or not modelled in search; measured energy is reported by benchmark",
+        **pareto_fields(setup, measurer, precision, records, candidates),
+        "skipped_degenerate": skipped_trials(f"sqlite:///{work / 'study.db'}", STUDY_NAME),
         "prior": darts,
     }
     return finish_search(
@@ -306,45 +195,7 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
         sp.strategy,
         supernet_seconds=supernet_seconds,
         search_seconds=search_seconds,
-        unique_subnets=len(evaluator.cache),
-    )
-
-
-def finish_search(
-    output: Path,
-    pareto: dict[str, Any],
-    records: list[dict[str, Any]],
-    losses: list[float],
-    strategy: str,
-    *,
-    supernet_seconds: float,
-    search_seconds: float,
-    unique_subnets: int,
-    tags: dict[str, str] | None = None,
-) -> StageResult:
-    """Write ``pareto.json`` and ``history.json`` and summarize a search (either space)."""
-    (output / "pareto.json").write_text(json.dumps(pareto, indent=2))
-    (output / "history.json").write_text(
-        json.dumps({"supernet_loss": losses, "trials": records, "strategy": strategy}, indent=2)
-    )
-    best = min(records, key=lambda r: r["objectives"]["val_error"])
-    print(
-        f"  Pareto front: {len(pareto['front'])} subnets; {len(pareto['candidates'])} candidates",
-        flush=True,
-    )
-    return StageResult(
-        metrics={
-            "supernet_seconds": supernet_seconds,
-            "search_seconds": search_seconds,
-            "trials": len(records),
-            "unique_subnets": unique_subnets,
-            "front_size": len(pareto["front"]),
-            "candidates": len(pareto["candidates"]),
-            "best_val_accuracy": 1.0 - best["objectives"]["val_error"],
-        },
-        tags={"strategy": strategy, "best_arch_str": best["arch_str"], **(tags or {})},
-        model_dir=output,
-        artifacts=[output / "pareto.json", output / "history.json"],
+        unique_subnets=len(cache),
     )
 
 
@@ -353,20 +204,15 @@ def run_macro(params: Params, dataset: Path, output: Path) -> StageResult:
 
     Progressive shrinking of a :class:`~nasforge.supernet.macro_supernet.MacroSupernet`, then
     the same strategies and Optuna study as the cell search
-    (:func:`nasforge.supernet.macro_search.run_macro_search`); latency objectives come from a
-    :class:`LatencyPredictor` over the macro block space, resolved from ``targets`` as in the
-    cell search.
+    (:func:`nasforge.supernet.macro_search.run_macro_search`), with the same objectives,
+    constraints and targets (:mod:`nasforge.search.setup`).
 
     Raises:
         ConfigError: a DARTS prior (cell space only) or a table target (its CSV is keyed by
             NB201 cells) was asked for.
     """
     from nasforge.errors import ConfigError
-    from nasforge.supernet.macro_search import (
-        choices_from_params,
-        macro_latency_predictor,
-        run_macro_search,
-    )
+    from nasforge.supernet.macro_search import run_macro_search
 
     sp = params.search
     if sp.prior != "none":
@@ -380,21 +226,7 @@ def run_macro(params: Params, dataset: Path, output: Path) -> StageResult:
             f"target {tables[0]!r} looks latencies up by NB201 cell; the macro space needs "
             "runtime targets"
         )
-    choices = choices_from_params(params)
-
-    def predictor_factory(input_shape: tuple[int, ...], num_classes: int) -> LatencyPredictor:
-        return macro_latency_predictor(
-            targets,
-            input_shape,
-            num_classes,
-            batch_size=sp.latency_batch_size,
-            mode=sp.latency_source,
-            threads=params.run.threads,
-            progress=lambda msg: print(f"  {msg}", flush=True),
-            choices=choices,
-        )
-
-    return run_macro_search(params, dataset, output, predictor_factory=predictor_factory)
+    return run_macro_search(params, dataset, output)
 
 
 def darts_prior(

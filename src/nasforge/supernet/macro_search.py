@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,9 @@ import optuna
 import torch
 
 from nasforge.checkpoint import current_work_dir
-from nasforge.errors import ConfigError
 from nasforge.search.base import Prior
-from nasforge.search.samplers import make_sampler
+from nasforge.search.objectives import Constraint
+from nasforge.search.study import finish_search, pareto_fields, run_study, select_candidates
 from nasforge.space.cell import count_parameters
 from nasforge.space.macro import MacroSpec, macro_search_space
 from nasforge.supernet.macro_supernet import (
@@ -46,7 +45,9 @@ class MacroSubnetEvaluator:
     ``bn_batches`` training batches), ``latency_ms[<target>]`` for every target of ``predictor``
     (e.g. a :class:`nasforge.hardware.predictor.LatencyPredictor` over a
     :class:`nasforge.hardware.spaces.MacroBlockSpace`; anything with ``targets`` and
-    ``predict(spec) -> {name: ms}``), and ``params``.
+    ``predict(spec) -> {name: ms}``), and ``params``; with ``metrics`` (a
+    :class:`nasforge.search.subnet_metrics.SubnetMetrics`) every metric of the pipeline's search,
+    whose objective columns ``names`` then lists.
     """
 
     def __init__(
@@ -59,16 +60,21 @@ class MacroSubnetEvaluator:
         *,
         bn_batches: int = 4,
         batch_size: int = 64,
+        metrics: Any | None = None,
     ) -> None:
         self.supernet = supernet
         self.x_train, self.x_val, self.y_val = x_train, x_val, y_val
         self.predictor = predictor
         self.bn_batches = bn_batches
         self.batch_size = batch_size
+        self.metrics = metrics
+        self.names: list[str] | None = None
         self.cache: dict[MacroSpec, dict[str, float]] = {}
 
     def objective_names(self) -> list[str]:
-        """Names of the objectives, in the study's order."""
+        """Names of the objectives, in the study's order (``names`` when set)."""
+        if self.names is not None:
+            return list(self.names)
         targets = [] if self.predictor is None else [t.name for t in self.predictor.targets]
         return ["val_error"] + [f"latency_ms[{n}]" for n in targets] + ["params"]
 
@@ -85,11 +91,13 @@ class MacroSubnetEvaluator:
             bn_batches=self.bn_batches,
             batch_size=self.batch_size,
         )
-        values = {"val_error": 1.0 - acc}
+        values = {"val_error": 1.0 - acc, "val_accuracy": acc}
         if self.predictor is not None:
             for name, ms in self.predictor.predict(spec).items():
                 values[f"latency_ms[{name}]"] = float(ms)
         values["params"] = float(count_parameters(subnet))
+        if self.metrics is not None:
+            values.update(self.metrics.measure(subnet, spec, macro_arch_str(spec)))
         self.cache[spec] = values
         return values
 
@@ -189,8 +197,10 @@ def search_macro_subnets(
     prior: Prior | None = None,
     progress: Callable[[str], None] | None = None,
     choices: ElasticChoices = FULL_SPACE,
+    constraints: Sequence[Constraint] = (),
+    sampler_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) a multi-objective search over the macro space.
+    """Run (or resume) a multi-objective search over the macro space (:func:`run_study`).
 
     The strategy is built by :func:`make_sampler`, the same code the tabular benchmark runs.
     With ``storage`` (an Optuna RDB URL such as ``sqlite:///study.db``) a killed search resumes
@@ -206,72 +216,76 @@ def search_macro_subnets(
         prior: Op-probability prior for the strategies that take one.
         progress: One-line progress callback.
         choices: The part of the space searched (default: all of it).
+        constraints: Constraints on the evaluator's metrics.
+        sampler_options: The strategy's own settings.
 
     Returns:
         One record per completed trial: ``trial``, ``spec`` (dict), ``arch_str``
-        (:func:`macro_arch_str`), ``objectives``.
+        (:func:`macro_arch_str`), ``objectives``, ``metrics``, ``feasible``, ``violations``.
 
     Raises:
         ConfigError: ``trials`` below 1, or a bad strategy.
     """
-    if trials < 1:
-        raise ConfigError(f"trials must be >= 1, got {trials}")
     names = evaluator.objective_names()
-    space = choices_search_space(choices)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=study_name,
+
+    def evaluate(p: dict[str, Any]) -> dict[str, float]:
+        return evaluator.evaluate(MacroSpec.from_params(p))
+
+    return run_study(
+        evaluate,
+        objectives=names,
+        distributions=macro_distributions(choices),
+        strategy=strategy,
+        seed=seed,
+        trials=trials,
         storage=storage,
-        directions=["minimize"] * len(names),
-        sampler=make_sampler(strategy, seed, search_space=space, prior=prior),
-        load_if_exists=True,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(names)
-    dists = macro_distributions(choices)
-
-    def completed() -> list[optuna.trial.FrozenTrial]:
-        return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-
-    done = completed()
-    if not done and not study.trials:
+        study_name=study_name,
+        constraints=constraints,
+        search_space=choices_search_space(choices),
+        prior=prior,
+        sampler_options=sampler_options,
         # The largest subnet is the distillation teacher; evaluating it first anchors the front.
-        study.enqueue_trial(choices.largest().to_params())
-    while len(done) < trials:
-        trial = study.ask(dists)
-        spec = MacroSpec.from_params(trial.params)
-        values = evaluator.evaluate(spec)
-        study.tell(trial, [values[n] for n in names])
-        done = completed()
-        if progress and (len(done) % max(1, trials // 5) == 0 or len(done) == trials):
-            progress(f"macro search trial {len(done)}/{trials}: err={values['val_error']:.3f}")
-    records = []
-    for t in done:
-        spec = MacroSpec.from_params(t.params)
-        records.append(
-            {
-                "trial": t.number,
-                "spec": json.loads(spec.to_json()),
-                "arch_str": macro_arch_str(spec),
-                "objectives": dict(zip(names, t.values, strict=True)),
-            }
-        )
-    return records
+        first=choices.largest().to_params(),
+        describe=describe_macro,
+        progress=progress,
+    )
+
+
+def describe_macro(p: dict[str, Any]) -> dict[str, Any]:
+    """The record fields of a macro trial: ``spec`` (object) and ``arch_str``."""
+    spec = MacroSpec.from_params(p)
+    return {"spec": json.loads(spec.to_json()), "arch_str": macro_arch_str(spec)}
 
 
 def select_macro_candidates(
-    records: list[dict[str, Any]], names: list[str], k: int, accuracy_window: float = 1.0
+    records: list[dict[str, Any]],
+    names: list[str],
+    k: int,
+    accuracy_window: float = 1.0,
+    constraints: Sequence[Constraint] = (),
 ) -> list[dict[str, Any]]:
     """Up to ``k`` candidates, chosen as for the cell space (every macro subnet is valid).
 
     Raises:
-        ConfigError: ``records`` is empty.
+        ConfigError: ``records`` is empty, or no record is feasible.
     """
-    from nasforge.stages.search import select_candidates  # the stage imports this module lazily
+    return select_candidates(records, names, k, accuracy_window, constraints)
 
-    return select_candidates(
-        records, names, k, accuracy_window, structurally_valid=lambda _record: True
+
+def macro_block_space(
+    input_shape: tuple[int, ...], num_classes: int, choices: ElasticChoices = FULL_SPACE
+) -> Any:
+    """The macro block space of this input shape, restricted to ``choices`` (latency models)."""
+    from nasforge.hardware.spaces import MacroBlockSpace
+
+    return MacroBlockSpace(
+        input_shape[0],
+        num_classes,
+        tuple(input_shape[1:3]),
+        depths=choices.depths,
+        widths=choices.widths,
+        kernels=choices.kernels,
+        expands=choices.expands,
     )
 
 
@@ -290,17 +304,8 @@ def macro_latency_predictor(
     this input shape (the latency objectives of :class:`MacroSubnetEvaluator`); in ``table`` mode
     only the blocks ``choices`` can contain are profiled."""
     from nasforge.hardware.predictor import LatencyPredictor
-    from nasforge.hardware.spaces import MacroBlockSpace
 
-    space = MacroBlockSpace(
-        input_shape[0],
-        num_classes,
-        tuple(input_shape[1:3]),
-        depths=choices.depths,
-        widths=choices.widths,
-        kernels=choices.kernels,
-        expands=choices.expands,
-    )
+    space = macro_block_space(input_shape, num_classes, choices)
     return LatencyPredictor(
         targets, space, batch_size=batch_size, mode=mode, threads=threads, progress=progress
     )
@@ -344,8 +349,9 @@ def run_macro_search(
 
     Reads the same :class:`nasforge.config.Params` fields as the cell search
     (``search.supernet_epochs`` spread over the phases of :func:`progressive_phases`,
-    ``batch_size``, ``lr``, ``weight_decay``, ``strategy``, ``trials``, ``max_candidates``,
-    ``candidate_accuracy_window``, ``bn_recalibration_batches``; ``run.seed``) plus
+    ``batch_size``, ``lr``, ``weight_decay``, ``strategy``, ``sampler_options``, ``trials``,
+    ``objectives``, ``constraints``, ``max_candidates``, ``candidate_accuracy_window``,
+    ``bn_recalibration_batches``, the latency settings; the budgets; ``run.seed``) plus
     ``space.macro`` (the part of the space searched, random subnets per sandwich step) and
     writes ``supernet.safetensors``, ``study.db``, ``pareto.json`` and ``history.json`` to
     ``output``. Records and candidates carry ``spec`` (:meth:`MacroSpec.to_json` as an object)
@@ -355,8 +361,9 @@ def run_macro_search(
         params: Pipeline parameters.
         dataset: Prepared dataset folder.
         output: Output folder.
-        predictor_factory: ``(input_shape, num_classes) -> predictor`` for latency objectives
-            (e.g. :func:`macro_latency_predictor`); None: no latency objective.
+        predictor_factory: ``(input_shape, num_classes) -> predictor`` for the latency
+            objectives; default: the targets of ``params`` at the deployed precision
+            (:class:`nasforge.search.setup.SearchPredictor`).
 
     Returns:
         A :class:`nasforge.stages.StageResult`.
@@ -364,6 +371,14 @@ def run_macro_search(
     from safetensors.torch import save_file
 
     from nasforge.data.prepared import load_prepared
+    from nasforge.search.setup import (
+        SearchPredictor,
+        deployed_precision,
+        objective_setup,
+        resolve_targets,
+        sampler_options,
+    )
+    from nasforge.search.subnet_metrics import SubnetMetrics
 
     sp = params.search
     choices = choices_from_params(params)
@@ -395,17 +410,31 @@ def run_macro_search(
         {k: v.contiguous() for k, v in supernet.state_dict().items()},
         str(output / "supernet.safetensors"),
     )
-    predictor = predictor_factory(data.input_shape, data.num_classes) if predictor_factory else None
+    precision = deployed_precision(params)
+    if predictor_factory is not None:
+        predictor = predictor_factory(data.input_shape, data.num_classes)
+    else:
+        predictor = SearchPredictor(
+            resolve_targets(params.targets),
+            macro_block_space(data.input_shape, data.num_classes, choices),
+            params,
+            precision,
+        )
+    setup = objective_setup(params, predictor)
+    measurer = SubnetMetrics(
+        predictor, data.input_shape, precision, sp.latency_batch_size, params.run.threads
+    )
     evaluator = MacroSubnetEvaluator(
         supernet,
         x_train,
         x_val,
         y_val,
-        predictor,
+        None,
         bn_batches=sp.bn_recalibration_batches,
         batch_size=sp.batch_size,
+        metrics=measurer,
     )
-    names = evaluator.objective_names()
+    evaluator.names = setup["objectives"]
     t1 = time.perf_counter()
     # In the work folder, which outlives a killed attempt, so a rerun keeps finished trials.
     work = current_work_dir() or output
@@ -417,18 +446,23 @@ def run_macro_search(
         storage=f"sqlite:///{work / 'study.db'}",
         progress=lambda msg: print(f"  {msg}", flush=True),
         choices=choices,
+        constraints=setup["constraints"],
+        sampler_options=sampler_options(params),
     )
     search_seconds = time.perf_counter() - t1
     if work != output:
         output.mkdir(parents=True, exist_ok=True)
         shutil.copy2(work / "study.db", output / "study.db")
     candidates = select_macro_candidates(
-        records, names, sp.max_candidates, sp.candidate_accuracy_window
+        records,
+        setup["objectives"],
+        sp.max_candidates,
+        sp.candidate_accuracy_window,
+        setup["constraints"],
     )
     teacher = choices.largest()
     pareto = {
         "space": "macro",
-        "objectives": names,
         "input_shape": list(data.input_shape),
         "num_classes": data.num_classes,
         "shape": {"in_channels": data.input_shape[0], "num_classes": data.num_classes},
@@ -440,14 +474,10 @@ def run_macro_search(
         },
         "phases": [p.name for p in phases],
         "teacher": {"spec": json.loads(teacher.to_json()), "arch_str": macro_arch_str(teacher)},
-        "candidates": [{"id": f"cand-{i}", **c} for i, c in enumerate(candidates)],
-        "front": [r for r in records if r["rank"] == 0],
+        "latency_sources": predictor.describe(),
+        "targets": [t.describe() for t in predictor.targets],
+        **pareto_fields(setup, measurer, precision, records, candidates),
     }
-    if predictor is not None and hasattr(predictor, "describe"):
-        pareto["latency_sources"] = predictor.describe()
-        pareto["targets"] = [t.describe() for t in predictor.targets]
-    from nasforge.stages.search import finish_search  # the stage imports this module lazily
-
     return finish_search(
         output,
         pareto,
