@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default="100,300")
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--constraint",
+        action="append",
+        default=[],
+        help="COL:>=:VALUE or COL:<=:VALUE (repeatable); HV then counts feasible cells only",
+    )
     p.add_argument("--out", type=Path, required=True)
 
     p = sub.add_parser(
@@ -314,7 +320,7 @@ def _submit_or_schedule(args: argparse.Namespace, kfp_client, package: Path, arg
 
 
 def _bench_search(args: argparse.Namespace) -> int:
-    from nasforge.search.tabular import parse_objectives, run_bench_search
+    from nasforge.search.tabular import parse_constraint, parse_objectives, run_bench_search
 
     try:
         budgets = [int(b) for b in args.budgets.split(",")]
@@ -330,6 +336,7 @@ def _bench_search(args: argparse.Namespace) -> int:
         args.seeds,
         args.out,
         workers=args.workers,
+        constraints=[parse_constraint(c) for c in args.constraint] or None,
     )
     print(
         json.dumps(

@@ -23,6 +23,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from nasforge.errors import ConfigError
+from nasforge.search.base import INVALID_ATTR
 from nasforge.search.objectives import Constraint, check_feasible, column_kind, explain_infeasible
 from nasforge.search.pareto import non_domination_rank
 from nasforge.stages import StageResult
@@ -155,6 +156,7 @@ def run_study(
             # Optuna's samplers cannot be told the space's validity: the proposal is recorded
             # as PRUNED (no evaluation, not a trial of the budget) and the strategy asked again.
             trial.set_user_attr(SKIPPED_ATTR, "degenerate: no input-to-output path")
+            trial.set_user_attr(INVALID_ATTR, True)  # nasforge's samplers skip its constraints
             study.tell(trial, state=TrialState.PRUNED)
             invalid_in_a_row += 1
             if invalid_in_a_row >= MAX_INVALID_IN_A_ROW:

@@ -129,11 +129,7 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
         for x in rejected:
             print(f"  {target}: rejected {_rejected_text(x)}", flush=True)
         if best is None:
-            why = (
-                "; ".join(map(_rejected_text, rejected))
-                if rejected
-                else _not_benchmarked(target)
-            )
+            why = "; ".join(map(_rejected_text, rejected)) if rejected else _not_benchmarked(target)
             decisions.append(
                 Decision(
                     target,
