@@ -5,6 +5,11 @@ are checked, so bad input fails in one line instead of half-way through the DAG.
 the tracking store and the DVC remote are made absolute, because KFP tasks run as separate
 processes. The report and summary are copied to ``runs/<run-id>/`` and ``runs/latest/``.
 
+While the DAG runs, the console (:mod:`nasforge.console`) shows one line per task as it starts
+and ends, with bars on a terminal; kfp.local's own output and each task's go to
+``runs/<run-id>/logs/<task>.log`` (:mod:`nasforge.pipelines.task_logs`), and the log of a task
+that fails is named before the one-line error.
+
 An unfinished run (killed at any moment, interrupted, or failed) is resumed by running the same
 command again; ``nasforge run --fresh`` starts over instead (see :func:`run_local`).
 """
@@ -23,12 +28,15 @@ from pathlib import Path
 
 from nasforge import checkpoint
 from nasforge.config import Params, load_params
+from nasforge.console import Estimator, RunConsole, duration, plan, prior_costs
 from nasforge.errors import DataError, NasforgeError, TargetError
 from nasforge.hardware.targets import get_target
 
 #: Under the runs folder: one sub-folder per unfinished run (state, kfp.local cache, work folders).
 RESUME_DIR = ".resume"
 STATE_FILE = "state.json"
+#: Under ``runs/<run-id>/``: one log file per task (kfp.local's output and the task's own).
+LOG_DIR = "logs"
 
 
 def _absolute_uri(uri: str) -> str:
@@ -81,14 +89,27 @@ def local_targets(params: Params) -> tuple[list[str], list[str]]:
 
 
 def _publish(report_dir: Path, runs_dir: Path) -> tuple[Path, dict]:
+    """Copy the report to ``runs/<run-id>/`` (beside the task logs) and ``runs/latest/``."""
     summary = json.loads((report_dir / "summary.json").read_text())
     dest = runs_dir / summary["run_id"]
     latest = runs_dir / "latest"
-    for d in (dest, latest):
-        if d.exists():
-            shutil.rmtree(d)
-        shutil.copytree(report_dir, d)
+    if dest.exists():
+        for p in dest.iterdir():
+            if p.name != LOG_DIR:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    shutil.copytree(report_dir, dest, dirs_exist_ok=True)
+    if latest.exists():
+        shutil.rmtree(latest)
+    shutil.copytree(dest, latest)
     return dest, summary
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it (shorter lines)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 # --- resume ---------------------------------------------------------------------------------
@@ -262,6 +283,7 @@ def run_local(params_path: str | Path, runs_dir: str | Path = "runs", fresh: boo
         cache_root=str(folder / "kfp-cache"),
     )
     from nasforge.pipelines.nasforge_pipeline import build_pipeline, pipeline_arguments
+    from nasforge.pipelines.task_logs import candidate_archs, task_output
 
     here, elsewhere = local_targets(params)
     for name in elsewhere:
@@ -280,19 +302,37 @@ def run_local(params_path: str | Path, runs_dir: str | Path = "runs", fresh: boo
         f"==> {verb} {run_name}: {len(params.targets)} target(s) {params.targets}, dataset {params.data.source}",
         flush=True,
     )
-    print(f"==> MLflow parent run {parent}", flush=True)
+    log_dir = runs_dir / parent / LOG_DIR
+    print(f"==> MLflow parent run {parent}; task logs in {_shown(log_dir)}/", flush=True)
     t0 = time.perf_counter()
     _raise_on_sigterm()
+    refs = plan(params.search.max_candidates, here)
+    estimator = Estimator(refs, prior_costs(params, refs), time.monotonic())
+    output = None
     try:
-        task = build_pipeline(here, retry=False)(
-            params_json=params.to_json(),
-            **pipeline_arguments(here),
-            run_name=run_name,
-            parent_run_id=parent,
-        )
-    except RuntimeError as err:  # kfp.local reports a failed task this way; its log is above
+        with RunConsole(sys.stdout, estimator) as console:
+
+            def on_search(outputs: dict) -> None:
+                found = outputs.get("Output")
+                if isinstance(found, list):
+                    new = plan(len(found), here)
+                    console.replan(new, prior_costs(params, new))
+                console.set_archs(candidate_archs(outputs))
+
+            with task_output(log_dir, folder / "progress", console) as output:
+                output.on_search = on_search
+                task = build_pipeline(here, retry=False)(
+                    params_json=params.to_json(),
+                    **pipeline_arguments(here),
+                    run_name=run_name,
+                    parent_run_id=parent,
+                )
+    except RuntimeError as err:  # kfp.local reports a failed task this way
         _write_state(folder, {**state, "status": "failed"})
         close_run(tp.uri, parent, "FAILED")
+        sys.stdout.flush()
+        for ref, log in output.failed if output is not None else []:
+            print(f"==> {ref.key} failed; its log: {_shown(log)}", file=sys.stderr)
         print(f"==> run {run_name} stopped; the same command resumes it", file=sys.stderr)
         cause = _failed_stage(error_log) or f"pipeline failed: {str(err).splitlines()[0]}"
         raise NasforgeError(cause) from None
@@ -308,7 +348,7 @@ def run_local(params_path: str | Path, runs_dir: str | Path = "runs", fresh: boo
     dest, summary = _publish(Path(task.output.path), runs_dir)
     # Finished: the task outputs stay in runs/kfp-local; the cache and work folders can go.
     shutil.rmtree(folder, ignore_errors=True)
-    print(f"==> pipeline finished in {time.perf_counter() - t0:.0f}s", flush=True)
+    print(f"==> pipeline finished in {duration(time.perf_counter() - t0)}", flush=True)
     for target, s in summary["targets"].items():
         acc = f"{s['accuracy']:.4f}" if s.get("accuracy") is not None else "-"
         lat = f"{s['latency_p50_ms']:.3f} ms" if s.get("latency_p50_ms") is not None else "-"
@@ -316,6 +356,9 @@ def run_local(params_path: str | Path, runs_dir: str | Path = "runs", fresh: boo
         print(
             f"    {target}: {s.get('model_name')} v{s.get('version')} acc {acc} p50@1 {lat} -> {verdict} ({s['reason']})"
         )
-    print(f"==> report:  {dest / 'report.html'}")
-    print(f"==> summary: {dest / 'summary.json'} (also {runs_dir / 'latest' / 'summary.json'})")
+    print(f"==> report:  {_shown(dest / 'report.html')}")
+    print(
+        f"==> summary: {_shown(dest / 'summary.json')} "
+        f"(also {_shown(runs_dir / 'latest' / 'summary.json')})"
+    )
     return summary

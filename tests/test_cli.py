@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,8 +137,46 @@ def test_run_on_a_corrupt_dataset_fails_at_once_naming_the_stage(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: prepare-data: ") and "data.npz" in last, last
     assert "Retrying" not in proc.stdout + proc.stderr
-    assert "[search] started" not in proc.stdout
+    assert not re.search(r"^\[ *\d+/\d+\] search ", proc.stdout, re.M)  # never started
+    assert re.search(r"^\[ *0/\d+\] prepare-data +FAILED after ", proc.stdout, re.M)
+    # kfp.local's output and the task's own are in the task's log, named before the error
+    log = re.search(r"^==> prepare-data failed; its log: (\S+)$", proc.stderr, re.M).group(1)
+    text = (tmp_path / log).read_text()
+    assert "Got executor_input" in text and "data.npz" in text and "Traceback" in text
+    assert "executor_input" not in proc.stdout + proc.stderr
+    assert len((proc.stdout + proc.stderr).splitlines()) < 12
     assert not (tmp_path / "runs" / "latest").exists()
+
+
+def test_every_command_explains_every_option():
+    """``--help`` of each command says what each of its options is for."""
+    from nasforge.cli import build_parser
+
+    def commands(parser, path=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, (*path, name))
+        yield path, parser
+
+    seen = 0
+    for path, parser in commands(build_parser()):
+        for action in parser._actions:
+            if action.option_strings and action.help != argparse.SUPPRESS:
+                assert action.help, f"nasforge {' '.join(path)} {action.option_strings[0]}"
+                seen += 1
+    assert seen > 60
+    text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()
+    for needle in (
+        "params.yaml",
+        "resume",
+        "--fresh",
+        "logs/",
+        "latest/",
+        "kfp-local/",
+        ".resume/",
+    ):
+        assert needle in text, needle
 
 
 def test_profile_builds_a_calibrated_table(tmp_path):

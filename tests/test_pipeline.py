@@ -106,31 +106,139 @@ def test_cpu_only_targets_compile_without_a_gpu_loop(tmp_path):
         check_package_targets(COMPILED, ["onnxruntime-cpu"])
 
 
+def _search_trials_done(root: Path) -> int:
+    """Trials the running search reported to ``nasforge run`` (its progress events)."""
+    from nasforge.progress import EventReader
+
+    done = 0
+    for path in (root / "runs" / ".resume").glob("*/progress/search.jsonl"):
+        for e in EventReader(path).read():
+            if e["kind"] == "search trial":
+                done = max(done, int(e["done"]))
+    return done
+
+
 def _kill_run_during_search(cmd: list[str], cwd: Path, env: dict) -> str:
     """Start ``nasforge run``, SIGKILL it in the middle of the search; return what it printed.
 
-    Also checks that its tasks do not go on as orphans once it is gone.
+    The search's trials are not on the console (only stage lines are): the run is killed once
+    the search's progress file says 3 trials are done. Also checks that its tasks do not go on
+    as orphans once it is gone.
     """
+    import threading
+    import time
+
     import psutil
 
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    seen, children = [], []
+    seen: list[str] = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        seen.append(line)
-        if "search trial 3/6" in line:
+    reader = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)
+    reader.start()
+    children = []
+    deadline = time.monotonic() + 1200
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _search_trials_done(cwd) >= 3:
             children = psutil.Process(proc.pid).children(recursive=True)
             proc.send_signal(signal.SIGKILL)
             break
+        time.sleep(0.2)
     proc.wait(timeout=60)
+    reader.join(timeout=30)
     out = "".join(seen)
     assert proc.returncode == -signal.SIGKILL, out[-4000:]
     assert children, "the search task was not running"
     _, alive = psutil.wait_procs(children, timeout=20)
     assert not alive, f"tasks of the killed run are still running: {alive}"
     return out
+
+
+def _stage_lines(out: str, stage: str, event: str, candidate=None, target=None) -> list[str]:
+    """The console's lines ``[ k/N] <stage>  candidate <c> (...) on <target>  <event>...``."""
+    found = []
+    for line in out.splitlines():
+        m = re.match(r"\[ *(\d+)/(\d+)\] (\S+) +(.*)$", line)
+        if not m or m.group(3) != stage or event not in m.group(4):
+            continue
+        if candidate is not None and f"candidate {candidate} " not in m.group(4) + " ":
+            continue
+        if target is not None and f"on {target}" not in m.group(4):
+            continue
+        found.append(line)
+    return found
+
+
+def _check_console(out: str, err: str) -> None:
+    """The resumed run's console: stage lines only, at most 60 lines (not a terminal)."""
+    lines = (out + err).splitlines()
+    assert len(lines) <= 60, f"{len(lines)} lines:\n" + "\n".join(lines)
+    assert not re.search(r"\x1b\[", out + err), "escape codes without a terminal"
+    assert "==> resuming" in out
+    # finished before the kill: taken from the run's cache, not started again
+    assert _stage_lines(out, "prepare-data", "done earlier (cached)")
+    assert not _stage_lines(out, "prepare-data", "started")
+    for stage, candidate, target in (
+        ("search", None, None),
+        ("train", 0, None),
+        ("train", 1, None),
+        ("prune", 1, None),
+        ("qat", 0, None),
+        ("export", 1, None),
+        ("benchmark", 0, "onnxruntime-cpu"),
+        ("benchmark", 1, "openvino-cpu"),
+        ("collect", 0, None),
+        ("promote", None, None),
+        ("report", None, None),
+    ):
+        assert len(_stage_lines(out, stage, "started", candidate, target)) == 1, (stage, candidate)
+        (done,) = _stage_lines(out, stage, "done in", candidate, target)
+        assert "elapsed" in done, done
+    # k/N: N is every task of the DAG (2 candidates x 2 CPU targets), the last done line N/N
+    counts = [
+        re.match(r"\[ *(\d+)/(\d+)\]", ln).groups() for ln in _stage_lines(out, "report", "done in")
+    ]
+    assert counts == [("18", "18")], counts
+    # the candidates' architectures are named once the search has chosen them
+    assert re.search(r"\] train +candidate 0 \(\|", out)
+    # the estimate of the rest, once a task of this attempt has finished
+    assert all("left" in ln for ln in _stage_lines(out, "train", "done in"))
+    assert "Got executor_input" not in out and "Streamed logs" not in out  # kfp.local's own
+
+
+def _check_task_logs(logs: Path, out: str) -> None:
+    """Each task's output and kfp.local's are in the run's task logs."""
+    from nasforge.console import plan
+
+    for ref in plan(2, ["onnxruntime-cpu", "openvino-cpu"]):
+        assert (logs / f"{ref.key}.log").is_file(), ref.key
+    search = (logs / "search.log").read_text()
+    # both attempts of the search, with kfp.local's executor input and the stage's own lines
+    assert search.count("Got executor_input") == 2
+    kept = int(re.search(r"resumed the search: (\d+) finished trials kept", search).group(1))
+    assert kept >= 3
+    assert "==> [search] done" in search and "supernet epoch" in search
+    assert "epoch 2/2" in (logs / "train-cand-0.log").read_text()  # the loop's plain lines
+    assert (logs / "kfp.log").is_file() and "resumed the search" not in out
+
+
+def _check_file_modes(runs: Path) -> None:
+    """Files nasforge writes have the mode an ordinary write gets (not mkstemp's 0600)."""
+    import stat
+
+    from nasforge.atomic import default_mode
+
+    models = [
+        p
+        for p in (runs / "kfp-local").rglob("*")
+        if p.is_file() and p.suffix in (".safetensors", ".onnx", ".pt2", ".xml", ".bin", ".json")
+    ]
+    assert {p.suffix for p in models} >= {".safetensors", ".onnx", ".pt2", ".xml", ".bin"}
+    for p in models:
+        assert stat.S_IMODE(p.stat().st_mode) == default_mode(), p
+    for p in (runs / "latest").rglob("*"):
+        assert stat.S_IMODE(p.stat().st_mode) == default_mode(p.is_dir()), p
 
 
 def _teacher_memory_mb(params: dict) -> float:
@@ -187,28 +295,17 @@ def test_whole_dag_runs_with_kfp_local(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [str(Path(sys.executable).parent / "nasforge"), "run", "--params", "params.yaml"]
     first = _kill_run_during_search(cmd, tmp_path, env)
-    assert "[prepare-data] done" in first
+    assert _stage_lines(first, "prepare-data", "done in")
+    assert _stage_lines(first, "search", "started")
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "==> resuming" in proc.stdout
-    assert "[prepare-data] started" not in proc.stdout  # finished: taken from the run's cache
-    kept = int(re.search(r"resumed the search: (\d+) finished trials kept", proc.stdout).group(1))
-    assert kept >= 3
+    _check_console(proc.stdout, proc.stderr)
     assert not (tmp_path / "runs" / ".resume").exists() or not any(
         (tmp_path / "runs" / ".resume").iterdir()
     ), "a finished run left its resume state behind"
-    for stage in (
-        "search",
-        "train-cand-0",
-        "train-cand-1",
-        "qat",
-        "export",
-        "benchmark-openvino-cpu",
-        "promote",
-        "report",
-    ):
-        assert f"[{stage}] done" in proc.stdout, stage
     summary = json.loads((tmp_path / "runs" / "latest" / "summary.json").read_text())
+    _check_task_logs(tmp_path / "runs" / summary["run_id"] / "logs", proc.stdout)
+    _check_file_modes(tmp_path / "runs")
     assert (tmp_path / "runs" / summary["run_id"] / "report.html").is_file()
     assert set(summary["targets"]) == {"onnxruntime-cpu", "openvino-cpu", "tensorrt-gpu"}
     gpu = summary["targets"].pop("tensorrt-gpu")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import shutil
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -208,3 +211,150 @@ def test_switching_moves_to_faster_variant_when_slo_is_missed(models):
         assert m["samples_per_variant"] == {"small": 5}
     finally:
         srv.stop()
+
+
+def _post_raw(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """POST exactly these headers (urllib adds a form Content-Type when none is given)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=20)
+    try:
+        conn.request("POST", "/predict", body, headers or {})
+        r = conn.getresponse()
+        raw = r.read()
+    finally:
+        conn.close()
+    try:
+        return r.status, json.loads(raw)
+    except json.JSONDecodeError:
+        return r.status, {"raw": raw.decode(errors="replace")}
+
+
+def test_json_without_content_type_gets_200(server, models):
+    _, nets = models
+    x = np.random.default_rng(1).standard_normal((2, *SHAPE)).astype(np.float32)
+    body = json.dumps({"inputs": x.tolist()}).encode()
+    ref = nets["big"](torch.from_numpy(x)).detach().numpy()
+    # No Content-Type at all, and curl -d's default (a form type LitServe would form-parse).
+    for headers in ({}, {"Content-Type": "application/x-www-form-urlencoded"}):
+        status, doc = _post_raw(server.url, body, headers)
+        assert status == 200, (headers, doc)
+        np.testing.assert_allclose(np.array(doc["outputs"]), ref, rtol=1e-4, atol=1e-4)
+    if shutil.which("curl"):
+        out = subprocess.run(
+            ["curl", "-s", "-w", "\\n%{http_code}", "-d", body.decode(), server.url + "/predict"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        doc, code = out.rsplit("\n", 1)
+        assert code == "200", out
+        np.testing.assert_allclose(np.array(json.loads(doc)["outputs"]), ref, atol=1e-4)
+
+
+def test_deep_nesting_gets_422_before_parsing(server):
+    deep = b'{"inputs": ' + b"[" * 5000 + b"0" + b"]" * 5000 + b"}"
+    status, doc = _request(server.url + "/predict", deep)
+    assert status == 422, doc
+    assert "5001 levels" in doc["error"] and "nests 5" in doc["error"]
+    # One level too deep for samples of rank 3 is refused too; the server keeps answering.
+    status, doc = _request(
+        server.url + "/predict", json.dumps({"inputs": np.zeros((1, 1, *SHAPE)).tolist()}).encode()
+    )
+    assert status == 422 and "levels" in doc["error"], doc
+    good = json.dumps({"inputs": np.zeros((1, *SHAPE)).tolist()}).encode()
+    assert _request(server.url + "/predict", good)[0] == 200
+
+
+def test_booleans_and_nulls_get_422(server):
+    x = np.zeros((1, *SHAPE)).tolist()
+    for value in (True, False, None):
+        mixed = json.loads(json.dumps(x))
+        mixed[0][1][2][3] = value  # one literal among numbers: NumPy would read it as a number
+        status, doc = _request(server.url + "/predict", json.dumps({"inputs": mixed}).encode())
+        assert status == 422, (value, doc)
+        assert "true/false/null" in doc["error"]
+
+
+def test_non_2xx_responses_are_counted_in_metrics(server):
+    time.sleep(0.2)
+    _, before = _request(server.url + "/metrics")
+    sent = {
+        400: [b"{this is not json", b'{"inputs": [], "extra": 1}', b"\xff\xfe\x00"],
+        413: [json.dumps({"inputs": np.zeros((9, *SHAPE)).tolist()}).encode()],
+        422: [json.dumps({"inputs": [[1, 2], [3]]}).encode()],
+    }
+    for code, bodies in sent.items():
+        for body in bodies:
+            assert _request(server.url + "/predict", body)[0] == code
+    status, _ = _post_raw(server.url, b"--x--", {"Content-Type": "multipart/form-data; boundary=x"})
+    assert status == 415
+    assert _request(server.url + "/nope")[0] == 404
+    assert _request(server.url + "/predict")[0] == 405  # GET on a POST route
+    _, after = _request(server.url + "/metrics")
+    delta = {k: v - before["rejected"].get(k, 0) for k, v in after["rejected"].items()}
+    assert {k: v for k, v in delta.items() if v} == {
+        "400": 3,
+        "404": 1,
+        "405": 1,
+        "413": 1,
+        "415": 1,
+        "422": 1,
+    }
+
+
+def test_non_finite_outputs_get_422_for_that_request_only(server, models):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, nets = models
+    extreme = np.full((1, *SHAPE), 3e38, dtype=np.float32)  # finite, but overflows the logits
+    assert not np.isfinite(nets["big"](torch.from_numpy(extreme)).detach().numpy()).all()
+    normal = np.zeros((1, *SHAPE), dtype=np.float32)
+    bodies = [json.dumps({"inputs": a.tolist()}).encode() for a in [extreme] + [normal] * 7]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda b: _request(server.url + "/predict", b), bodies))
+    assert results[0][0] == 422 and "not finite" in results[0][1]["error"], results[0]
+    assert all(status == 200 for status, _ in results[1:]), results[1:]
+
+
+def test_run_folder_yields_one_variant_per_model(tmp_path):
+    """A pipeline run folder: each model as export, per-target benchmark and collect copies."""
+    from nasforge.export.openvino import to_openvino_ir
+
+    run = tmp_path / "runs" / "kfp-local" / "nasforge-run-1"
+    for i, (cand, width) in enumerate([("cand-000", 4), ("cand-001", 8)]):
+        export = run / "export" / f"task-{i}" / "exported"
+        export.mkdir(parents=True)
+        export_fp32(_net(width, seed=width), torch.zeros(2, *SHAPE), export / "fp32.onnx")
+        to_openvino_ir(export / "fp32.onnx", export / "openvino" / "fp32.xml")
+        (export / "export.json").write_text(json.dumps({"candidate": cand}))
+        for j, (target, files, acc) in enumerate(
+            [
+                ("onnxruntime-cpu", ["fp32.onnx"], 0.8 + i / 100),
+                ("openvino-cpu", ["openvino/fp32.xml", "openvino/fp32.bin"], 0.7 + i / 100),
+            ]
+        ):
+            bench = run / f"benchmark-{target}" / f"task-{i}" / "measured" / cand
+            (bench / "model" / "fp32").mkdir(parents=True)
+            for f in files:
+                shutil.copy2(export / f, bench / "model" / "fp32" / Path(f).name)
+            doc = {"target": {"name": target}, "candidate": cand}
+            doc["results"] = {"fp32": {"test_accuracy": acc}}
+            (bench / "benchmark.json").write_text(json.dumps(doc))
+            shutil.copytree(bench, run / "collect" / f"task-{i}" / "collected" / f"part-{j}" / cand)
+
+    specs = variants_from_dir(run, "onnxruntime-cpu")
+    assert sorted((s.name, s.accuracy) for s in specs) == [("cand-000", 0.8), ("cand-001", 0.81)]
+    assert all("benchmark-onnxruntime-cpu" in str(s.path) for s in specs)
+    # OpenVINO: the IR copies and the ONNX files it was converted from are one model each.
+    specs = variants_from_dir(run, "openvino-cpu")
+    assert sorted((s.name, s.accuracy) for s in specs) == [("cand-000", 0.7), ("cand-001", 0.71)]
+    assert all(s.path.suffix == ".xml" and "benchmark-openvino" in str(s.path) for s in specs)
+    # A different model under a known candidate name (another run) is a variant of its own.
+    other = tmp_path / "runs" / "kfp-local" / "nasforge-run-2" / "export" / "exported"
+    other.mkdir(parents=True)
+    export_fp32(_net(16, seed=16), torch.zeros(2, *SHAPE), other / "fp32.onnx")
+    (other / "export.json").write_text(json.dumps({"candidate": "cand-000"}))
+    specs = variants_from_dir(tmp_path / "runs", "onnxruntime-cpu")
+    assert len(specs) == 3 and len({s.name for s in specs}) == 3
+    assert sorted(s.accuracy for s in specs if s.accuracy is not None) == [0.8, 0.81]

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from nasforge.errors import TrackingError
+from nasforge.export.onnx import export_fp32
 from nasforge.tracking.dvc import dvc_hash, push
 from nasforge.tracking.mlflow_runs import check_reachable, client, open_parent_run, stage_run
 from nasforge.tracking.registry import (
@@ -23,10 +28,19 @@ from nasforge.tracking.registry import (
 )
 
 
+def _onnx(folder: Path, seed: int, channels: int = 4) -> Path:
+    """A tiny real ONNX classifier (input 1x8x8) whose weights depend on ``seed``."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, channels, 3), nn.Flatten(), nn.LazyLinear(10))
+    net(torch.zeros(1, 1, 8, 8))
+    folder.mkdir(parents=True)
+    return export_fp32(net.eval(), torch.zeros(2, 1, 8, 8), folder / "int8.onnx")
+
+
 def _challenger(tmp_path: Path, acc: float, lat: float, tag: str = "a") -> Challenger:
+    # Registered versions are MLflow ONNX models now: the files must be a real ONNX graph.
     files = tmp_path / f"model-{tag}-{acc}-{lat}"
-    files.mkdir()
-    (files / "model.onnx").write_bytes(b"onnx-bytes-" + tag.encode())
+    _onnx(files, zlib.crc32(tag.encode()))
     return Challenger(
         "onnxruntime-cpu",
         files,
@@ -164,10 +178,13 @@ def test_racing_promotions_leave_one_consistent_champion(mlflow_server, tmp_path
     decisions: dict[float, object] = {}
     errors: list[BaseException] = []
 
+    # torch's ONNX export is not thread-safe: the challengers' models are made up front.
+    challengers = {acc: _challenger(tmp_path, acc, 1.0, f"r{acc}") for acc in accs}
+
     def promote(acc: float) -> None:
         try:
             with stage_run(uri, "race", f"promote-{acc}", parent) as run:
-                ch = _challenger(tmp_path, acc, 1.0, f"r{acc}")
+                ch = challengers[acc]
                 barrier.wait(timeout=60)
                 decisions[acc] = register_and_promote(uri, run.run_id, name, ch, 0.005, 0.1)
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread below
@@ -288,3 +305,77 @@ def test_promote_with_tracking_server_down_changes_nothing(tmp_path):
         assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
         assert "127.0.0.1:9" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_stage_runs_log_dataset_inputs_source_and_errors(tmp_path, monkeypatch, digits_dir):
+    from nasforge.stages.runner import execute, one_line
+    from tests.conftest import tiny_params, with_tracking_db
+
+    monkeypatch.chdir(tmp_path)  # the DVC remote .dvcstore is relative
+    p = with_tracking_db(tiny_params(), tmp_path)
+    uri = p.tracking.uri
+    parent = open_parent_run(uri, p.tracking.experiment, "p", {})
+    execute("prepare-data", p, tmp_path / "data", parent_run_id=parent)
+    c = client(uri)
+    exp = c.get_experiment_by_name(p.tracking.experiment)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    def stage_run_of(stage: str):
+        (r,) = c.search_runs([exp.experiment_id], f"tags.`nasforge.stage` = '{stage}'")
+        return r
+
+    prep = stage_run_of("prepare-data")
+    (inp,) = prep.inputs.dataset_inputs
+    tags = {t.key: t.value for t in inp.tags}
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert inp.dataset.digest == prep.data.tags["dvc.md5"] == tags["dvc.md5"]
+    assert inp.dataset.name == "digits" and tags["nasforge.sha256"] == meta["sha256"]
+    assert tags["mlflow.data.context"] == "prepared"
+    assert json.loads(tags["nasforge.counts"]) == meta["counts"]
+    assert prep.data.tags["mlflow.source.name"] == "nasforge prepare-data"
+    assert prep.data.tags["mlflow.source.type"] == "LOCAL"
+    # a consumer stage that fails: FAILED, its one-line error, and the dataset it read
+    with pytest.raises(Exception) as failed:
+        execute(
+            "train", p, tmp_path / "train", parent_run_id=parent,
+            dataset=tmp_path / "data", search=tmp_path / "no-search", candidate=0,
+        )  # fmt: skip
+    train = stage_run_of("train")
+    assert train.info.status == "FAILED"
+    assert train.data.tags["nasforge.error"] == one_line(failed.value)
+    assert "\n" not in train.data.tags["nasforge.error"]
+    (inp,) = train.inputs.dataset_inputs
+    assert inp.dataset.digest == prep.data.tags["dvc.md5"]
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
+
+
+def test_experiment_made_elsewhere_is_marked_as_model_training(tmp_path):
+    from nasforge.tracking.mlflow_runs import experiment_id
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = client(uri)
+    made = c.create_experiment("old")
+    assert "mlflow.experimentKind" not in c.get_experiment(made).tags
+    assert experiment_id(uri, "old") == made
+    assert c.get_experiment(made).tags["mlflow.experimentKind"] == "custom_model_development"
+    c.set_experiment_tag(made, "mlflow.experimentKind", "genai_development")  # a user's choice
+    experiment_id(uri, "old")
+    assert c.get_experiment(made).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_stage_run_links_the_kfp_plugin_task_run(tmp_path, monkeypatch):
+    """In a KFP task tracked by KFP's MLflow plugin (MLFLOW_RUN_ID on the pod), the stage run and
+    the plugin's task run point at each other; elsewhere the variable is ignored."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = client(uri)
+    kfp_run = c.create_run(c.create_experiment("Default-kfp")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", kfp_run)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with stage_run(uri, "t", "train", None) as run:  # not in a KFP pod: no link
+        pass
+    assert "kfp.mlflow_run_id" not in c.get_run(run.run_id).data.tags
+    monkeypatch.setenv("KFP_POD_NAME", "nasforge-train-abc")
+    with stage_run(uri, "t", "train", None) as run:
+        pass
+    assert c.get_run(run.run_id).data.tags["kfp.mlflow_run_id"] == kfp_run
+    assert c.get_run(kfp_run).data.tags["nasforge.stage_run_id"] == run.run_id

@@ -18,13 +18,14 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from nasforge.atomic import atomic_file
 
 #: Where the pipeline's tasks keep their work folders (set by ``nasforge run`` for its tasks);
 #: without it a stage's work folder sits beside its output (the single-stage CLI commands).
@@ -115,15 +116,8 @@ def checkpoint_for(name: str) -> EpochCheckpoint | None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary sibling, then rename (a kill never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def rng_state(py_rng: random.Random | None, np_rng: np.random.Generator | None) -> dict[str, Any]:

@@ -18,19 +18,61 @@ from nasforge.errors import ConfigError, NasforgeError
 
 def _common(p: argparse.ArgumentParser, output: bool = True) -> None:
     p.add_argument(
-        "--params", type=Path, default=None, help="params.yaml (default: built-in defaults)"
+        "--params",
+        type=Path,
+        default=None,
+        help="the params file (default: the built-in defaults, not ./params.yaml)",
     )
     if output:
         p.add_argument(
-            "--output", type=Path, required=True, help="output folder (replaced on success)"
+            "--output",
+            type=Path,
+            required=True,
+            help="output folder; replaced only when the stage succeeds (a failure leaves the "
+            "previous one); an interrupted stage run again with the same inputs resumes from "
+            "its work folder beside it",
         )
     p.add_argument(
         "--parent-run-id",
         default=os.environ.get("NASFORGE_PARENT_RUN_ID"),
-        help="MLflow parent run id",
+        help="MLflow run to nest this stage's run under (default: $NASFORGE_PARENT_RUN_ID, "
+        "else not nested)",
     )
-    p.add_argument("--run-name", default=None, help="name of this stage's MLflow run")
-    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument(
+        "--run-name", default=None, help="name of this stage's MLflow run (default: the stage)"
+    )
+    p.add_argument(
+        "--no-tracking",
+        action="store_true",
+        help="do not log to MLflow or push to the DVC remote (params' tracking section)",
+    )
+
+
+_DATA_HELP = "prepared dataset folder (the output of prepare-data)"
+_MODEL_HELP = "model artifact folder (model.json + weights.safetensors)"
+
+
+RUN_DESCRIPTION = """\
+Run the whole pipeline on this machine with kfp.local (no cluster): prepare-data, search,
+then per candidate train, prune, qat, export and a benchmark per target, then promote (MLflow
+registry, champion-<target> aliases) and report. Runs and models are tracked in the MLflow
+store of the params' tracking.uri, every dataset and model is versioned in tracking.dvc_remote.
+
+The console shows one line per task as it starts and ends (its candidate and target, tasks
+done of all, elapsed time, an estimate of the rest); on a terminal, bars follow the supernet
+epochs, search trials, fine-tuning epochs and timed benchmark runs. When the output is not a
+terminal (CI, a file) the lines are plain. Each task's own output, and kfp.local's, goes to
+RUNS_DIR/<run-id>/logs/<task>.log; the log of a failing task is named on the console.
+
+Resume: a run that did not finish (killed at any moment, interrupted, or failed) continues
+when the same command is run again with the same params, code and dataset: the same run under
+the same MLflow parent run; finished tasks are not run again, the search keeps its finished
+trials and supernet, train/prune/qat continue after their last finished epoch. --fresh starts
+over instead."""
+
+RUN_EPILOG = """\
+exit status: 0 done; 2 bad input or a failed task (the last line is "error: <stage>: <its
+error>"); 130 interrupted (resumable)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,36 +87,56 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p = sub.add_parser("search", help="train the supernet and search the Pareto set")
     _common(p)
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help=_DATA_HELP)
     p = sub.add_parser("train", help="fine-tune a candidate with distillation")
     _common(p)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--search", type=Path, required=True)
-    p.add_argument("--candidate", type=int, required=True)
-    for name in ("prune", "qat"):
-        p = sub.add_parser(name, help=f"{name} a model artifact")
+    p.add_argument("--data", type=Path, required=True, help=_DATA_HELP)
+    p.add_argument(
+        "--search", type=Path, required=True, help="search output folder (pareto.json, supernet)"
+    )
+    p.add_argument(
+        "--candidate",
+        type=int,
+        required=True,
+        help="index of the candidate in the search's pareto.json (0 = cand-0)",
+    )
+    for name, what in (
+        ("prune", "prune a model artifact's channels and fine-tune it"),
+        ("qat", "INT8 quantization-aware training of a model artifact"),
+    ):
+        p = sub.add_parser(name, help=what)
         _common(p)
-        p.add_argument("--data", type=Path, required=True)
-        p.add_argument("--model", type=Path, required=True)
+        p.add_argument("--data", type=Path, required=True, help=_DATA_HELP)
+        p.add_argument(
+            "--model",
+            type=Path,
+            required=True,
+            help=_MODEL_HELP + (" (train's output)" if name == "prune" else " (prune's output)"),
+        )
     p = sub.add_parser("export", help="export ONNX fp32/int8 and OpenVINO IR with parity checks")
     _common(p)
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help=_DATA_HELP)
     p.add_argument("--model", type=Path, required=True, help="fp32 model artifact (pruned)")
     p.add_argument("--quantized", type=Path, required=True, help="INT8 artifact (qat)")
     p = sub.add_parser("benchmark", help="measure exported models on a target")
     _common(p)
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help=_DATA_HELP)
     p.add_argument(
         "--exported", type=Path, nargs="+", required=True, help="export folders (one per candidate)"
     )
-    p.add_argument("--target", required=True)
+    p.add_argument("--target", required=True, help="a target name (see `nasforge targets`)")
     p = sub.add_parser(
         "promote",
         help="register the best model per target and gate the champion, or roll a champion back",
     )
     _common(p, output=False)
     p.add_argument("--output", type=Path, help="output folder (replaced on success)")
-    p.add_argument("--benchmarks", type=Path, nargs="+")
+    p.add_argument(
+        "--benchmarks",
+        type=Path,
+        nargs="+",
+        help="benchmark output folders (every candidate on every target)",
+    )
     p.add_argument(
         "--rollback",
         metavar="TARGET",
@@ -83,37 +145,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser("report", help="write report.html and summary.json")
     _common(p)
-    p.add_argument("--search", type=Path, required=True)
-    p.add_argument("--promotion", type=Path, required=True)
-    p.add_argument("--benchmarks", type=Path, nargs="+", required=True)
+    p.add_argument("--search", type=Path, required=True, help="search output folder")
+    p.add_argument(
+        "--promotion", type=Path, required=True, help="promote output folder (promotion.json)"
+    )
+    p.add_argument(
+        "--benchmarks", type=Path, nargs="+", required=True, help="benchmark output folders"
+    )
 
     p = sub.add_parser(
         "run",
-        help="run the whole pipeline locally with kfp.local",
-        description="Run the whole pipeline locally with kfp.local. A run that did not finish "
-        "(killed, interrupted or failed) is resumed by running the same command again: finished "
-        "tasks are not run again, the search keeps its trials and supernet, training continues "
-        "from its last epoch.",
+        help="run the whole pipeline on this machine (kfp.local); rerun to resume",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=RUN_DESCRIPTION,
+        epilog=RUN_EPILOG,
     )
     p.add_argument(
-        "--params", type=Path, default=Path("params.yaml"), help="the params file (params.yaml)"
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        metavar="FILE",
+        help="the params file (default: params.yaml in the current folder). It is checked "
+        "before anything starts: a bad field, a missing dataset, an unknown or unavailable "
+        "target or an unreachable tracking server stops the run in one line. Its tracking.uri "
+        "(default sqlite:///mlflow.db) and tracking.dvc_remote (default .dvcstore) are relative "
+        "to the current folder",
     )
     p.add_argument(
         "--runs-dir",
         type=Path,
         default=Path("runs"),
-        help="where runs are published (<run-id>/, latest/) and unfinished runs kept (.resume/)",
+        metavar="DIR",
+        help="where everything the run writes goes (default: runs): <run-id>/ (named by the "
+        "MLflow parent run; report.html, summary.json, logs/ with one log per task), latest/ (a "
+        "copy of the last finished run), "
+        "kfp-local/ (every task's output: models, exports, benchmarks) and .resume/ (the state "
+        "of unfinished runs)",
     )
     p.add_argument(
         "--fresh",
         action="store_true",
-        help="start anew instead of resuming an unfinished run with the same params",
+        help="start a new run even if an unfinished run with the same params, code and dataset "
+        "exists (default: resume it, under the same MLflow run)",
     )
 
     p = sub.add_parser("pipeline", help="compile, submit or schedule the KFP pipeline")
     psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
     c = psub.add_parser("compile", help="compile the pipeline to KFP IR YAML")
-    c.add_argument("--output", type=Path, default=Path("pipelines/compiled/nasforge_pipeline.yaml"))
+    c.add_argument(
+        "--output",
+        type=Path,
+        default=Path("pipelines/compiled/nasforge_pipeline.yaml"),
+        help="the YAML to write (default: pipelines/compiled/nasforge_pipeline.yaml)",
+    )
     which = c.add_mutually_exclusive_group()
     which.add_argument("--params", type=Path, default=None, help="compile for this file's targets")
     which.add_argument(
@@ -122,79 +206,162 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated targets (default: onnxruntime-cpu,openvino-cpu,tensorrt-gpu)",
     )
     for action in ("submit", "schedule"):
-        c = psub.add_parser(action, help=f"{action} the compiled pipeline on a KFP host")
-        c.add_argument("--host", required=True)
+        c = psub.add_parser(
+            action,
+            help="submit one run to a KFP server"
+            if action == "submit"
+            else "create a recurring run on a KFP server",
+        )
+        c.add_argument(
+            "--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80"
+        )
         c.add_argument(
             "--package",
             type=Path,
             default=None,
             help="compiled pipeline (default: compile one for the params' targets)",
         )
-        c.add_argument("--params", type=Path, default=Path("params.yaml"))
-        c.add_argument("--experiment", default="nasforge")
+        c.add_argument(
+            "--params",
+            type=Path,
+            default=Path("params.yaml"),
+            help="the params passed to the run(s) (default: params.yaml)",
+        )
+        c.add_argument(
+            "--experiment",
+            default="nasforge",
+            help="KFP experiment to file the run(s) under (default: nasforge; created if missing)",
+        )
         if action == "submit":
-            c.add_argument("--run-name", default=None)
-            c.add_argument("--wait", action="store_true")
-            c.add_argument("--timeout", type=int, default=6 * 3600)
+            c.add_argument(
+                "--run-name", default=None, help="display name (default: nasforge <UTC time>)"
+            )
+            c.add_argument(
+                "--wait",
+                action="store_true",
+                help="wait for the run to end; fail unless it succeeded",
+            )
+            c.add_argument(
+                "--timeout",
+                type=int,
+                default=6 * 3600,
+                help="with --wait, seconds to wait (default: 21600)",
+            )
         else:
             c.add_argument("--cron", required=True, help="KFP 6-field cron, e.g. '0 0 3 * * *'")
-            c.add_argument("--job-name", default="nasforge-nightly")
+            c.add_argument(
+                "--job-name",
+                default="nasforge-nightly",
+                help="name of the recurring run (default: nasforge-nightly)",
+            )
 
     p = sub.add_parser(
         "bench-search", help="benchmark search strategies on a tabular NAS benchmark"
     )
-    p.add_argument("--table", type=Path, required=True)
+    p.add_argument(
+        "--table", type=Path, required=True, help="CSV with arch_str and the objective columns"
+    )
     p.add_argument("--objectives", required=True, help="COL:max,COL:min[,...]")
-    p.add_argument("--strategies", default="optuna-random,optuna-tpe,optuna-nsga2,regevo,hybrid")
-    p.add_argument("--budgets", default="100,300")
-    p.add_argument("--seeds", type=int, default=20)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--strategies",
+        default="optuna-random,optuna-tpe,optuna-nsga2,regevo,hybrid",
+        help="comma-separated strategies (default: %(default)s)",
+    )
+    p.add_argument(
+        "--budgets",
+        default="100,300",
+        help="evaluation budgets reported, comma-separated (default: 100,300)",
+    )
+    p.add_argument(
+        "--seeds", type=int, default=20, help="seeds per strategy, shared for pairing (default: 20)"
+    )
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
     p.add_argument(
         "--constraint",
         action="append",
         default=[],
         help="COL:>=:VALUE or COL:<=:VALUE (repeatable); HV then counts feasible cells only",
     )
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--out", type=Path, required=True, help="folder for <name>.json, <name>.md and <name>.png"
+    )
 
     p = sub.add_parser(
         "serve", help="serve a target's models over HTTP (dynamic batching, switching)"
     )
     p.add_argument("--source", required=True, help="benchmark/export folder, or 'registry'")
-    p.add_argument("--target", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
-    p.add_argument("--slo-ms", type=float, default=50.0, help="p99 latency objective")
+    p.add_argument("--target", required=True, help="runtime target, e.g. onnxruntime-cpu")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, local only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="most requests grouped into one model run (default: 8)",
+    )
+    p.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=5.0,
+        help="how long to wait to fill a batch (default: 5)",
+    )
+    p.add_argument("--slo-ms", type=float, default=50.0, help="p99 latency objective (default: 50)")
     p.add_argument(
         "--no-switching", action="store_true", help="serve only the most accurate variant"
     )
-    p.add_argument("--memory-budget-mb", type=float, default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    p.add_argument("--only-champion", action="store_true")
+    p.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        default=None,
+        help="do not load variants whose model files are larger (default: no limit)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="runtime threads (default: physical cores)"
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default="sqlite:///mlflow.db",
+        help="MLflow tracking URI for --source registry (default: sqlite:///mlflow.db)",
+    )
+    p.add_argument(
+        "--only-champion",
+        action="store_true",
+        help="with --source registry: serve the champion only, not every version",
+    )
 
     p = sub.add_parser("profile", help="build a latency lookup table of a search space on a target")
-    p.add_argument("--target", required=True)
+    p.add_argument("--target", required=True, help="runtime target, e.g. onnxruntime-cpu")
     p.add_argument(
         "--space",
         default="cell",
         choices=["cell", "macro"],
         help="search space (macro reads only --input-shape/--num-classes)",
     )
-    p.add_argument("--input-shape", default="3,32,32", help="C,H,W of the network input")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--channels", type=int, default=16)
-    p.add_argument("--cells-per-stage", type=int, default=1)
-    p.add_argument("--batch-sizes", default="1,32")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds")
+    p.add_argument(
+        "--input-shape", default="3,32,32", help="C,H,W of the network input (default: 3,32,32)"
+    )
+    p.add_argument("--num-classes", type=int, default=10, help="classes (default: 10)")
+    p.add_argument(
+        "--channels", type=int, default=16, help="cell space: stem channels (default: 16)"
+    )
+    p.add_argument(
+        "--cells-per-stage", type=int, default=1, help="cell space: cells per stage (default: 1)"
+    )
+    p.add_argument(
+        "--batch-sizes", default="1,32", help="comma-separated batch sizes (default: 1,32)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="runtime threads (default: physical cores)"
+    )
+    p.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds (default: 6)")
     p.add_argument(
         "--calibration-networks",
         type=int,
         default=32,
-        help="random whole networks timed to calibrate the table (>= 8 for the in-context fit)",
+        help="random whole networks timed to calibrate the table (>= 8 for the in-context fit; "
+        "default: 32)",
     )
     p.add_argument(
         "--precision",

@@ -317,14 +317,36 @@ class BudgetParams(_Section):
 
 
 class PromoteParams(_Section):
-    """Champion gates."""
+    """Champion gates (see :mod:`nasforge.tracking.gate`).
+
+    When a target has a champion, champion and challenger are timed side by side in the promote
+    process on the target's runtime: ``rounds`` interleaved rounds of ``repeats`` runs at batch 1
+    after ``warmup`` runs, and a ``confidence`` bootstrap interval of the latency ratio decides
+    "faster" / "slower"; a difference under ``latency_floor_ms`` is a tie decided by accuracy.
+    """
 
     precision: Literal["int8", "fp32", "any"] = "int8"
     accuracy_tolerance: float = Field(
-        0.005, ge=0, description="a challenger may lose at most this much accuracy (absolute)"
+        0.005,
+        ge=0,
+        description="a faster challenger may lose at most this much accuracy (absolute)",
     )
     latency_tolerance: float = Field(
-        0.10, ge=0, description="a challenger may be at most this much slower (relative)"
+        0.10,
+        ge=0,
+        lt=1,
+        description="faster / slower means the latency ratio's interval is beyond 1 -/+ this",
+    )
+    latency_floor_ms: float = Field(
+        0.05, ge=0, description="latency differences below this (ms) are ties, decided by accuracy"
+    )
+    rounds: int = Field(
+        20, ge=5, le=1000, description="interleaved timing rounds of champion and challenger"
+    )
+    repeats: int = Field(20, ge=1, le=10000, description="timed runs per model per round")
+    warmup: int = Field(10, ge=0, le=10000, description="untimed runs per model before timing")
+    confidence: float = Field(
+        0.95, ge=0.5, lt=1, description="confidence level of the latency intervals"
     )
 
 

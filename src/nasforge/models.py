@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from nasforge.atomic import save_safetensors
 from nasforge.errors import ConfigError, ModelFileError
 from nasforge.space.cell import CellNetworkShape, build_cell_network
 from nasforge.space.macro import MacroSpec, build_macro_network
@@ -33,7 +34,7 @@ def save_model(model: torch.nn.Module, out_dir: Path, meta: dict[str, Any]) -> N
     """Write ``model``'s weights and ``meta`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS))
+    save_safetensors(state, out_dir / WEIGHTS)
     (out_dir / MODEL_JSON).write_text(json.dumps(meta, indent=2))
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nasforge import progress
 from nasforge.checkpoint import EpochCheckpoint
 
 
@@ -136,6 +137,7 @@ def fit(
             checkpoint.save(epoch, model, opt, sched, history, np_rng=rng)
         if on_epoch is not None:
             on_epoch(epoch, history[-1])
+        progress.step("epoch", epoch + 1, epochs, loss=history[-1])
     model.eval()
     return history
 

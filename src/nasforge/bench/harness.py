@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nasforge import progress
 from nasforge.bench.sysinfo import physical_cores, system_info
 from nasforge.errors import ModelFileError, TargetError
 
@@ -433,6 +434,7 @@ def time_session(
         t0 = now()
         session.run(x)
         times[i] = (now() - t0) / 1e6
+        progress.step("timed run", i + 1, repeats, echo=False)
     return times
 
 

@@ -28,6 +28,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from nasforge.atomic import give_default_mode
+
 Exporter = Literal["dynamo", "torchscript"]
 Precision = Literal["fp32", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "int8")
@@ -128,6 +130,7 @@ def export_for_timing(
                     dynamic_shapes=({0: torch.export.Dim("batch")},),
                     verbose=False,
                 )
+        give_default_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -20,7 +20,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,11 +28,13 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from nasforge import progress
+from nasforge.atomic import save_safetensors, temp_dir_beside
 from nasforge.errors import ConfigError, ModelFileError
 
 IMPORTANCES = ("magnitude", "taylor")
@@ -229,6 +230,7 @@ def prune_structured(
         history.append({"step": step + 1, "macs": macs, "params": params})
         if finetune is not None:
             _finetune_step(model, finetune, checkpoint_dir, step + 1)
+        progress.step("prune step", step + 1, steps, params=params)
     model.train(was_training)
     macs1, params1 = count_macs_params(model, example_input)
     report = {
@@ -364,11 +366,10 @@ def save_model(model: nn.Module, path_dir: str | os.PathLike[str], meta: dict[st
         The folder.
     """
     path_dir = Path(path_dir)
-    path_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path_dir.name}.", dir=path_dir.parent))
+    tmp = temp_dir_beside(path_dir)
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE))
+        save_safetensors(state, tmp / WEIGHTS_FILE)
         doc = {"format": FORMAT, "meta": meta, "shapes": layer_shapes(model)}
         (tmp / META_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
         old = None

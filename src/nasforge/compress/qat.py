@@ -32,7 +32,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -55,6 +54,8 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
     get_default_x86_inductor_quantization_config,
 )
 
+from nasforge import progress
+from nasforge.atomic import atomic_file
 from nasforge.checkpoint import EpochCheckpoint
 from nasforge.errors import ModelFileError
 
@@ -455,6 +456,7 @@ def finetune_qat(
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         losses.append(total / max(count, 1))
+        progress.step("epoch", epoch + 1, epochs, loss=losses[-1])
         if checkpoint is not None:
             checkpoint.save(
                 epoch, prepared, opt, history=losses, extra={"generator": gen.get_state()}
@@ -615,15 +617,8 @@ def save_quantized(
     if isinstance(gm_or_ep, GraphModule) and _META_KEY in gm_or_ep.meta:
         meta.setdefault("quant_scheme", gm_or_ep.meta[_META_KEY])
     ep = to_exported_program(gm_or_ep, example_input)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.pt2", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".tmp.pt2") as tmp:
         torch.export.save(ep, tmp, extra_files={_META_FILE: json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 from torch.fx import GraphModule
 
+from nasforge.atomic import atomic_file
 from nasforge.errors import ModelFileError
 
 DEFAULT_OPSET = 18
@@ -38,16 +38,8 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path, suffix=suffix or ".tmp") as tmp:
+        yield tmp
 
 
 def load_onnx(path: str | os.PathLike[str], full_check: bool = True) -> onnx.ModelProto:

@@ -33,9 +33,7 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +48,7 @@ from optuna.trial import FrozenTrial, TrialState
 from scipy.stats import wilcoxon
 from threadpoolctl import threadpool_limits
 
+from nasforge.atomic import atomic_file
 from nasforge.errors import ConfigError, DataError
 from nasforge.search.base import INVALID_ATTR, ask_valid
 from nasforge.search.pareto import hypervolume, pareto_front
@@ -431,15 +430,8 @@ def _wilcoxon_p(a: list[float], b: list[float]) -> float | None:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, suffix=path.suffix) as tmp:
+        write(tmp)
 
 
 def run_bench_search(

@@ -8,11 +8,17 @@ Writing a snapshot costs about 2 ms (percentiles over up to 10,000 latencies, JS
 as much as running a small model — so after a batch it is written only if the last write is
 ``min_interval_s`` old; a background thread writes pending changes after that interval, so
 ``/metrics`` is at most ``min_interval_s`` (default 0.1 s) behind.
+
+Responses that are not 2xx are counted where every response passes, in the HTTP process
+(:class:`StatusCounts`), not in the worker: a request refused by the request checks, or
+answered 404/405 by the framework, never reaches a worker, and a worker error becomes its HTTP
+status only in the HTTP process.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import threading
 import time
@@ -21,6 +27,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+class StatusCounts:
+    """Non-2xx HTTP responses by status code, shared by every HTTP process of one server.
+
+    LitServe forks its HTTP (uvicorn) processes from the main process, so counters in shared
+    memory made before ``LitServer.run`` are the same memory in each of them: the counts stay
+    whole whatever ``num_api_servers`` is, and ``/metrics`` reads them from any process.
+    """
+
+    _CODES = 600  # HTTP status codes are 100-599
+
+    def __init__(self) -> None:
+        self._counts = multiprocessing.Array("q", self._CODES)
+
+    def add(self, status: int) -> None:
+        """Count one response with this status (out-of-range codes count as 500)."""
+        code = status if 100 <= status < self._CODES else 500
+        with self._counts.get_lock():
+            self._counts[code] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        """``{"<status>": count}`` of every status seen at least once."""
+        with self._counts.get_lock():
+            values = list(self._counts)
+        return {str(code): n for code, n in enumerate(values) if n}
 
 
 class ServeMetrics:

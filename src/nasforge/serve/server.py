@@ -1,8 +1,9 @@
 """``nasforge serve``: a LitServe HTTP server with dynamic batching and Pareto-variant switching.
 
-Request checks (size, JSON, numeric, shape) run in an ASGI middleware in the HTTP process, before
-a request is queued: a bad request gets its 4xx at once and can never fail the batch it would
-have been grouped with in the inference worker. See ``README.md`` in this folder for the API.
+Request checks (size, content type, JSON, nesting, numbers, shape) run in an ASGI middleware in
+the HTTP process, before a request is queued: a bad request gets its 4xx at once and can never
+fail the batch it would have been grouped with in the inference worker. Every non-2xx response
+is counted there for ``/metrics``. See ``README.md`` in this folder for the API.
 """
 
 from __future__ import annotations
@@ -19,18 +20,17 @@ from typing import Any
 import litserve as ls
 import numpy as np
 from fastapi import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from fastapi.responses import JSONResponse
 
 from nasforge.errors import ConfigError, TargetError
 from nasforge.serve.early_exit import EarlyExitRunner
-from nasforge.serve.metrics import ServeMetrics
+from nasforge.serve.metrics import ServeMetrics, StatusCounts
+from nasforge.serve.middleware import request_gate
 from nasforge.serve.policy import SwitchPolicy, VariantInfo
+from nasforge.serve.validation import RequestRules
 from nasforge.serve.variants import VariantSpec, variants_from_dir, variants_from_registry
 
 log = logging.getLogger("nasforge.serve")
-
-# Counters of requests the HTTP process rejected (it is a single forked process per server).
-_REJECTED: dict[str, int] = {}
 
 
 def _buckets(max_batch_size: int) -> list[int]:
@@ -40,112 +40,6 @@ def _buckets(max_batch_size: int) -> list[int]:
         sizes.append(b)
         b *= 2
     return [*sizes, max_batch_size]
-
-
-class RequestValidator:
-    """ASGI middleware that checks ``POST /predict`` bodies and stamps their arrival time.
-
-    Args:
-        app: The wrapped ASGI app.
-        input_shape: Per-sample shape without batch, e.g. ``(3, 32, 32)``.
-        max_body_bytes: Larger bodies get 413.
-        max_items: Most samples one request may carry.
-    """
-
-    def __init__(
-        self, app: ASGIApp, input_shape: tuple[int, ...], max_body_bytes: int, max_items: int
-    ) -> None:
-        self.app = app
-        self.input_shape = tuple(input_shape)
-        self.max_body_bytes = max_body_bytes
-        self.max_items = max_items
-
-    async def _reject(self, send: Send, status: int, message: str) -> None:
-        _REJECTED[str(status)] = _REJECTED.get(str(status), 0) + 1
-        body = json.dumps({"error": message}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-    def _check(self, body: bytes) -> tuple[int, str] | None:
-        """Return (status, message) for a bad body, ``None`` for a good one."""
-        try:
-            doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return 400, f"body is not valid JSON: {e}"
-        if not isinstance(doc, dict) or "inputs" not in doc:
-            return 400, 'body must be a JSON object {"inputs": [sample, ...]}'
-        inputs = doc["inputs"]
-        if not isinstance(inputs, list) or not inputs:
-            return 400, '"inputs" must be a non-empty list of samples'
-        if len(inputs) > self.max_items:
-            return 413, f"{len(inputs)} samples in one request; at most {self.max_items}"
-        want = list(self.input_shape)
-        try:
-            arr = np.asarray(inputs)
-        except ValueError:
-            return 422, f"samples are ragged nested lists; each must have shape {want}"
-        if arr.dtype.kind not in "iuf":
-            return 422, f"inputs must be numbers (got JSON values of numpy kind {arr.dtype})"
-        if list(arr.shape[1:]) != want:
-            return 422, f"each sample must have shape {want}, got {list(arr.shape[1:])}"
-        if not np.isfinite(arr).all():
-            return 422, "inputs contain NaN or infinity"
-        return None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers", []))
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._reject(send, 413, f"body over {self.max_body_bytes} bytes")
-            return
-        chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._reject(send, 413, f"body over {self.max_body_bytes} bytes")
-                return
-            chunks.append(chunk)
-            if not msg.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        bad = self._check(body)
-        if bad is not None:
-            await self._reject(send, *bad)
-            return
-        # Stamp the arrival time into the (validated, object-shaped) body; a client-sent
-        # "_arrival" is overridden because the last duplicate key wins in JSON parsing.
-        stamped = body.rstrip()[:-1] + f', "_arrival": {time.time():.6f}}}'.encode()
-        sent = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": stamped, "more_body": False}
-
-        scope = dict(scope)
-        scope["headers"] = [
-            (k, str(len(stamped)).encode() if k == b"content-length" else v)
-            for k, v in scope.get("headers", [])
-        ]
-        await self.app(scope, replay, send)
 
 
 class VariantAPI(ls.LitAPI):
@@ -297,6 +191,12 @@ class VariantAPI(ls.LitAPI):
         out, start = [], 0
         for s, _ in x:
             part = logits[start : start + len(s)]
+            if not np.isfinite(part).all():
+                # Extreme (if finite) inputs can overflow the logits; JSON has no inf/NaN, and
+                # only this request is answered with an error, not its batch.
+                out.append({"_error": "the model's outputs for these inputs are not finite"})
+                start += len(s)
+                continue
             resp: dict[str, Any] = {
                 "outputs": part.tolist(),
                 "classes": np.argmax(part, axis=1).tolist(),
@@ -313,8 +213,13 @@ class VariantAPI(ls.LitAPI):
         """One response per request."""
         return output
 
-    def encode_response(self, output: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        """The response JSON."""
+    # No return annotation: LitServe hands it to FastAPI as the response model, which would
+    # then validate every response against it (and cannot resolve a string annotation).
+    def encode_response(self, output: dict[str, Any], **kwargs: Any):  # noqa: ANN201
+        """The response JSON (a dict), or a 422 ``JSONResponse`` for a request whose outputs
+        are not finite numbers."""
+        if "_error" in output:
+            return JSONResponse({"error": output["_error"]}, status_code=422)
         return output
 
 
@@ -342,28 +247,36 @@ def _time_early_exit(runner: EarlyExitRunner, repeats: int = 20) -> float:
 
 def _prepare(
     variants: list[VariantSpec], target: str, threads: int | None
-) -> tuple[list[VariantSpec], list[float], tuple[int, ...]]:
+) -> tuple[list[VariantSpec], list[float], tuple[int, ...], np.dtype]:
     """Load each variant once here (clean errors before any worker starts), measure its batch-1
-    latency for ordering, and check all variants take the same input shape."""
+    latency for ordering, and check all variants take the same input shape.
+
+    Returns:
+        The variants fastest first, their batch-1 latencies, the per-sample input shape and the
+        narrowest input dtype (requests must fit every variant's).
+    """
     from nasforge.bench.harness import open_session, time_session
 
-    lat, shape = [], None
+    lat, shape, dtypes = [], None, []
     for v in variants:
         if v.kind == "early_exit":
             runner = _early_exit_runner(v, target, threads)
             s = tuple(runner.input_shape)
             ms = _time_early_exit(runner)
+            dtypes.append(np.dtype(np.float32))
         else:
             sess = open_session(v.path, target, 1, None, threads)
             s = tuple(sess.input_shape[1:])
             ms = float(np.median(time_session(sess, warmup=3, repeats=20)))
+            dtypes.append(np.dtype(sess.input_dtype))
         if shape is not None and s != shape:
             raise ConfigError(f"variant {v.name} takes input {list(s)}, others {list(shape)}")
         shape = s
         lat.append(ms)
     order = sorted(range(len(variants)), key=lambda i: lat[i])
     assert shape is not None
-    return [variants[i] for i in order], [lat[i] for i in order], shape
+    dtype = min(dtypes, key=lambda d: np.finfo(d).max if d.kind == "f" else np.iinfo(d).max)
+    return [variants[i] for i in order], [lat[i] for i in order], shape, dtype
 
 
 def _sigterm_as_interrupt() -> None:
@@ -431,6 +344,10 @@ def serve(
         raise ConfigError(f"max_queue_delay_ms must be >= 0, got {max_queue_delay_ms}")
     if slo_ms <= 0:
         raise ConfigError(f"slo_ms must be > 0, got {slo_ms}")
+    if max_body_bytes < 1:
+        raise ConfigError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    if max_items_per_request < 1:
+        raise ConfigError(f"max_items_per_request must be >= 1, got {max_items_per_request}")
     # Metrics file and registry downloads live here and go when the server stops.
     with tempfile.TemporaryDirectory(prefix="nasforge-serve-") as tmp:
         work = Path(tmp)
@@ -444,7 +361,7 @@ def serve(
                     raise ConfigError(f"no champion alias set for target {target}")
         else:
             specs = variants_from_dir(source, target)
-        specs, lat, shape = _prepare(specs, target, threads)
+        specs, lat, shape, dtype = _prepare(specs, target, threads)
         for s, ms in zip(specs, lat, strict=True):
             log.warning("variant %s: %.3f ms at batch 1, accuracy %s", s.name, ms, s.accuracy)
         metrics_path = str(work / "metrics.json")
@@ -461,6 +378,7 @@ def serve(
             max_batch_size,
             max_queue_delay_ms / 1000.0,
         )
+        rejected = StatusCounts()  # made before LitServe forks its HTTP process
         server = ls.LitServer(
             api,
             accelerator="cpu",
@@ -469,11 +387,11 @@ def serve(
             timeout=30,
             middlewares=[
                 (
-                    RequestValidator,
+                    request_gate,
                     {
-                        "input_shape": shape,
+                        "rules": RequestRules(shape, max_items_per_request, dtype),
                         "max_body_bytes": max_body_bytes,
-                        "max_items": max_items_per_request,
+                        "counts": rejected,
                     },
                 )
             ],
@@ -502,7 +420,7 @@ def serve(
                 worker = json.loads(Path(metrics_path).read_text())
             except (OSError, json.JSONDecodeError):
                 worker = {}
-            return {**worker, "rejected": dict(_REJECTED), "config": config}
+            return {**worker, "rejected": rejected.snapshot(), "config": config}
 
         server.app.add_api_route("/metrics", metrics, methods=["GET"])
         _sigterm_as_interrupt()

@@ -9,6 +9,9 @@ folders gives one variant per candidate):
 * an early-exit folder with ``early_exit.json`` (staged ONNX graphs + ``thresholds.json``, see
   :mod:`nasforge.space.early_exit`): one variant of kind ``"early_exit"`` (FP32 targets only).
 
+Copies of one model (a pipeline run holds the export, each target's benchmark copy and the copy
+``collect`` gathered) are one variant: models are told apart by the content hash of their files.
+
 From the registry, every version of ``nasforge-<target>`` is a variant; the one behind alias
 ``champion-<target>`` is marked as champion.
 """
@@ -16,6 +19,7 @@ From the registry, every version of ``nasforge-<target>`` is a variant; the one 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,11 @@ from typing import Any
 from nasforge.errors import ModelFileError, TargetError, TrackingError
 from nasforge.hardware.targets import get_target
 from nasforge.space.early_exit import MANIFEST as EARLY_EXIT_MANIFEST
+
+# The benchmark and export stages' manifests (nasforge.stages.benchmark / .export import torch,
+# data and tracking code a server does not need, so the names are repeated here).
+BENCHMARK_JSON = "benchmark.json"
+EXPORT_JSON = "export.json"
 
 _EXPORT_FILES = {
     ("onnxruntime", "fp32"): "fp32.onnx",
@@ -76,8 +85,41 @@ def _pick_file(folder: Path, runtime: str) -> Path | None:
     return None
 
 
+def _content_hash(path: Path) -> str:
+    """SHA-256 of a model's files (an OpenVINO IR is its ``.xml`` and ``.bin``)."""
+    h = hashlib.sha256()
+    for f in [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]:
+        if f.is_file():
+            with f.open("rb") as fh:
+                h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def _benchmark_target(doc: dict[str, Any]) -> str | None:
+    t = doc.get("target")
+    return t.get("name") if isinstance(t, dict) else t
+
+
+def _onnx_to_ir(root: Path, precision: str) -> dict[str, str]:
+    """Content hash of each export's ONNX file -> hash of the IR converted from it, so an ONNX
+    copy (which OpenVINO also reads) and the IR of the same model count as one model."""
+    out = {}
+    for ej in sorted(root.rglob(EXPORT_JSON)):
+        onnx = ej.parent / _EXPORT_FILES[("onnxruntime", precision)]
+        ir = ej.parent / _EXPORT_FILES[("openvino", precision)]
+        if onnx.is_file() and ir.is_file():
+            out[_content_hash(onnx)] = _content_hash(ir)
+    return out
+
+
 def variants_from_dir(root: Path | str, target: str) -> list[VariantSpec]:
-    """Variants of ``target`` found below ``root``.
+    """Variants of ``target`` found below ``root``: one per distinct model.
+
+    A pipeline run folder holds each model several times (the export, the benchmark copy of
+    each target, the copy gathered by ``collect``), so copies are told apart by the content
+    hash of their model files and each model is served once. Of its copies the one kept is a
+    benchmark measured on ``target``, else another benchmark, else the export: a benchmark
+    carries the model's measured accuracy.
 
     Raises:
         ModelFileError: ``root`` is missing or holds no model for the target.
@@ -86,9 +128,9 @@ def variants_from_dir(root: Path | str, target: str) -> list[VariantSpec]:
     if not root.is_dir():
         raise ModelFileError(f"model folder not found: {root}")
     runtime, precision = _runtime_precision(target)
-    out: list[VariantSpec] = []
+    found: list[tuple[int, VariantSpec]] = []  # (preference, lower first; spec)
     seen: set[Path] = set()
-    for bj in sorted(root.rglob("benchmark.json")):
+    for bj in sorted(root.rglob(BENCHMARK_JSON)):
         try:
             doc = json.loads(bj.read_text())
         except json.JSONDecodeError as e:
@@ -99,9 +141,10 @@ def variants_from_dir(root: Path | str, target: str) -> list[VariantSpec]:
         res = doc.get("results", {}).get(precision, {})
         acc = res.get("test_accuracy")
         name = str(doc.get("candidate", bj.parent.name))
-        out.append(VariantSpec(name, path, acc, _model_size(path)))
+        rank = 0 if _benchmark_target(doc) == target else 1
+        found.append((rank, VariantSpec(name, path, acc, _model_size(path))))
         seen.add(bj.parent.resolve())
-    for ej in sorted(root.rglob("export.json")):
+    for ej in sorted(root.rglob(EXPORT_JSON)):
         if ej.parent.resolve() in seen:
             continue
         path = ej.parent / _EXPORT_FILES[(runtime, precision)]
@@ -111,19 +154,51 @@ def variants_from_dir(root: Path | str, target: str) -> list[VariantSpec]:
             name = str(json.loads(ej.read_text()).get("candidate", ej.parent.name))
         except json.JSONDecodeError as e:
             raise ModelFileError(f"{ej} is not valid JSON: {e}") from e
-        out.append(VariantSpec(name, path, None, _model_size(path)))
+        found.append((2, VariantSpec(name, path, None, _model_size(path))))
     if precision == "fp32":  # staged early-exit graphs are FP32
-        out.extend(_early_exit_variants(root))
-    if not out:
+        found.extend((0, v) for v in _early_exit_variants(root))
+    if not found:
         raise ModelFileError(
             f"no {precision} {runtime} model below {root} "
             "(expected benchmark, export or early-exit folders)"
         )
+    out = _one_per_model(found, _onnx_to_ir(root, precision) if runtime == "openvino" else {})
     names = [v.name for v in out]
     for i, v in enumerate(out):
-        if names.count(v.name) > 1:  # same candidate measured twice: keep names unique
+        if names.count(v.name) > 1:  # different models of one candidate name: keep names unique
             v.name = f"{v.name}#{i}"
     return out
+
+
+def _one_per_model(
+    found: list[tuple[int, VariantSpec]], aliases: dict[str, str]
+) -> list[VariantSpec]:
+    """The preferred copy of each distinct model, in order of first appearance; a copy without
+    an accuracy takes one recorded by another copy of the same model."""
+    groups: dict[str, list[tuple[int, VariantSpec]]] = {}
+    for rank, spec in found:
+        if spec.kind == "early_exit":
+            key = "early_exit:" + _staged_hash(spec.path)
+        else:
+            h = _content_hash(spec.path)
+            key = aliases.get(h, h) if spec.path.suffix == ".onnx" else h
+        groups.setdefault(key, []).append((rank, spec))
+    out = []
+    for copies in groups.values():
+        best = min(copies, key=lambda c: c[0])[1]  # min() keeps the first of equal ranks
+        if best.accuracy is None:
+            best.accuracy = next((s.accuracy for _, s in copies if s.accuracy is not None), None)
+        out.append(best)
+    return out
+
+
+def _staged_hash(manifest: Path) -> str:
+    """Content hash of an early-exit folder: its manifest, thresholds and stage graphs."""
+    h = hashlib.sha256()
+    for f in sorted(manifest.parent.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + _content_hash(f).encode())
+    return h.hexdigest()
 
 
 def _early_exit_variants(root: Path) -> list[VariantSpec]:
@@ -146,14 +221,15 @@ def variants_from_registry(
 ) -> list[VariantSpec]:
     """Variants of ``target`` from the MLflow registry, champion marked.
 
-    Every registered version of ``<model_prefix>-<target>`` is downloaded to ``cache_dir``.
+    Every registered version of ``<model_prefix>-<target>`` is downloaded to ``cache_dir``; the
+    target's runtime loads the version's IR (OpenVINO, from the MLflow model's extra files) or
+    its ONNX graph.
 
     Raises:
         TrackingError: Registry unreachable or the model is not registered.
         ModelFileError: A version has no model file for the target's runtime.
     """
-    import mlflow
-
+    from nasforge.tracking.mlflow_model import download_version, runtime_file_in
     from nasforge.tracking.mlflow_runs import client
     from nasforge.tracking.registry import ACC_TAG, SIZE_TAG, alias_for, model_name_for
 
@@ -171,19 +247,13 @@ def variants_from_registry(
     except Exception:  # noqa: BLE001 - alias unset
         champion = None
     out = []
-    mlflow.set_tracking_uri(tracking_uri)
     for mv in sorted(versions, key=lambda m: int(m.version)):
-        dest = Path(cache_dir) / name / str(mv.version)
-        dest.mkdir(parents=True, exist_ok=True)
-        try:
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dest)
-                )
-            )
-        except Exception as e:  # noqa: BLE001
-            raise TrackingError(f"cannot download {name} v{mv.version}: {e}") from e
-        path = _pick_file(local, runtime)
+        # A version is an MLflow ONNX model with the runtime's own files (OpenVINO IR) in its
+        # extra_files/, or, registered by an older nasforge, a plain folder of model files.
+        local = download_version(
+            tracking_uri, name, str(mv.version), Path(cache_dir) / name / str(mv.version)
+        )
+        path = runtime_file_in(local, runtime)
         if path is None:
             raise ModelFileError(f"{name} v{mv.version} has no {runtime} model file in {local}")
         acc = mv.tags.get(ACC_TAG)

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nasforge.atomic import temp_dir_beside
 from nasforge.errors import ConfigError, ModelFileError
 from nasforge.space.cell import CellNetwork, ResidualReduction
 from nasforge.training import iterate_minibatches, kd_loss
@@ -446,8 +446,7 @@ def export_staged(
     out = Path(out_dir)
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise ModelFileError(f"{out} exists and is not an early-exit export; not overwriting it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         model.eval()
         x = example_input.detach().to(torch.float32)

@@ -190,7 +190,9 @@ def benchmark_one(params: Params, data, exported: Path, t, output_root: Path) ->
             latency["1"] = {"p50_ms": ms, "source": "table", "batch_size": 1}
         dest = output / "model" / precision
         dest.mkdir(parents=True, exist_ok=True)
-        for src in files:
+        # Promotion registers an MLflow ONNX model with the runtime's own files alongside, so the
+        # ONNX of this precision travels with a runtime that reads another format (OpenVINO IR).
+        for src in dict.fromkeys([*files, *model_files(exported, "onnxruntime", precision)]):
             shutil.copy2(src, dest / src.name)
         energy = _energy(t, latency, files[0], export["arch_str"], threads)
         first = "1" if "1" in energy else next(iter(energy))

@@ -5,10 +5,17 @@ The parity gate: the exported model the target runs must agree with its torch mo
 split (top-1) at least ``export.parity_min_top1``; a result without a parity measurement (e.g. a
 benchmark.json from before the gate) fails it. Each rejected result and why is in
 ``promotion.json`` (``rejected`` of each decision).
+
+The champion gate (:mod:`nasforge.tracking.registry`): the chosen model is timed side by side with
+the target's current champion, downloaded from the registry, in this process on the target's
+runtime, and registered as an MLflow ONNX model with the decision's evidence (both timings with
+their intervals, accuracies, content hashes, rounds, runtime, machine) as version tags and in
+``promotion.json``; a model identical to a registered version is not registered again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +24,7 @@ from nasforge.config import Params
 from nasforge.errors import ModelFileError
 from nasforge.stages import StageResult
 from nasforge.stages.benchmark import BENCHMARK_JSON
+from nasforge.tracking.gate import GateSettings
 from nasforge.tracking.registry import (
     Challenger,
     Decision,
@@ -123,6 +131,7 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
         by_target.setdefault(doc["target"]["name"], []).append((d, doc))
     decisions: list[dict[str, Any]] = []
     tp = params.tracking
+    settings = GateSettings.from_params(params)
     for target in params.targets:
         group = by_target.get(target, [])
         best, rejected = choose(params, group)
@@ -163,6 +172,7 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
             challenger,
             params.promote.accuracy_tolerance,
             params.promote.latency_tolerance,
+            settings=settings,
         )
         decisions.append(decision.as_dict() | {"rejected": rejected})
         verdict = "promoted" if decision.promoted else "not promoted"
@@ -171,6 +181,13 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
             flush=True,
         )
     output.mkdir(parents=True, exist_ok=True)
-    (output / PROMOTION_JSON).write_text(json.dumps({"decisions": decisions}, indent=2))
-    metrics = {"promoted": sum(1 for d in decisions if d["promoted"]), "targets": len(decisions)}
+    gate = dataclasses.asdict(settings)
+    (output / PROMOTION_JSON).write_text(
+        json.dumps({"gate": gate, "decisions": decisions}, indent=2, default=str)
+    )
+    metrics = {
+        "promoted": sum(1 for d in decisions if d["promoted"]),
+        "registered": sum(1 for d in decisions if d.get("registered")),
+        "targets": len(decisions),
+    }
     return StageResult(metrics=metrics, artifacts=[output / PROMOTION_JSON])

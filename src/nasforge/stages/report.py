@@ -35,6 +35,14 @@ def _champion_version(uri: str, model_name: str, target: str) -> str | None:
         return None
 
 
+def _gate_evidence(ev: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The promotion gate's evidence without the per-round samples (those stay in
+    promotion.json and on the model version)."""
+    if not ev:
+        return None
+    return {k: v for k, v in ev.items() if k != "round_ms"}
+
+
 def build_summary(
     params: Params,
     run_id: str,
@@ -44,7 +52,10 @@ def build_summary(
     tracking_problem: str | None = None,
 ) -> dict[str, Any]:
     """Per target: model name/version, accuracy, latency p50 (batch 1), size, promoted or not, why,
-    and the results promotion rejected (``rejected``: candidate, precision, gate, reason).
+    the gate's evidence (``gate``: method, both latencies with intervals, ratio, accuracies,
+    hashes; ``registered`` False and ``identical_to`` for an artifact identical to a registered
+    version), and the results promotion rejected (``rejected``: candidate, precision, gate,
+    reason).
 
     ``tracking_problem`` (why MLflow cannot be reached) skips the champion look-ups.
     """
@@ -63,6 +74,9 @@ def build_summary(
             "size_bytes": ch.get("size_bytes"),
             "promoted": d["promoted"],
             "reason": d["reason"],
+            "registered": d.get("registered", d["version"] is not None),
+            "identical_to": d.get("identical_to"),
+            "gate": _gate_evidence(d.get("evidence")),
             "rejected": d.get("rejected", []),
             "champion_version": None
             if tracking_problem

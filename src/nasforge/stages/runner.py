@@ -3,8 +3,9 @@
 The runner adds what the pure stage functions leave out: thread and seed settings, an atomic
 output folder (the stage writes into a hidden sibling that replaces ``output`` only on success, so
 a failure never leaves a half-written artifact), the stage's nested MLflow run with its metrics,
-tags and small artifacts, and the DVC hash of every produced model as a tag (pushed to the DVC
-remote when one is configured).
+tags and small artifacts, the prepared dataset it produced or read as an MLflow dataset input
+(:mod:`nasforge.tracking.datasets`), and the DVC hash of every produced model as a tag (pushed to
+the DVC remote when one is configured). A failed stage's run carries its one-line error.
 
 A stage attempt also gets a work folder (:mod:`nasforge.checkpoint`) that survives a failure, so
 a killed stage run again with the same params and inputs continues where it stopped; it is
@@ -105,10 +106,9 @@ def _watch_parent() -> None:
 
 def one_line(err: BaseException) -> str:
     """The one-line description of a stage failure (the message of a NasforgeError)."""
-    from nasforge.errors import NasforgeError
+    from nasforge.tracking.mlflow_runs import error_line
 
-    text = " ".join(str(err).split()) or err.__class__.__name__
-    return text if isinstance(err, NasforgeError) else f"{err.__class__.__name__}: {text}"
+    return error_line(err)
 
 
 def _log_error(label: str, err: BaseException) -> None:
@@ -227,6 +227,8 @@ def _tracked(
                     **{k: v for k, v in inputs.items() if isinstance(v, str | int)},
                 }
             )
+            if inputs.get("dataset") is not None:
+                _log_dataset(tp.uri, run.run_id, Path(inputs["dataset"]), stage)
             result = call(run.run_id)
             seconds = time.perf_counter() - t0
             run.log_metrics({**result.metrics, "stage_seconds": seconds})
@@ -238,7 +240,23 @@ def _tracked(
                 tags["dvc.md5"] = push(result.model_dir, Path(tp.dvc_remote).absolute())
                 tags["dvc.remote"] = str(Path(tp.dvc_remote).absolute())
             run.set_tags(tags)
+            if stage == "prepare-data":
+                _log_dataset(tp.uri, run.run_id, output, stage, tags.get("dvc.md5"))
             for art in result.artifacts:
                 if Path(art).exists():
                     run.log_artifact(art)
     return result
+
+
+def _log_dataset(uri: str, run_id: str, dataset: Path, stage: str, md5: str | None = None) -> None:
+    """Log the prepared dataset as an MLflow dataset input of the stage run.
+
+    A folder that is not a prepared dataset is left to the stage, which fails with its own error.
+    """
+    from nasforge.errors import DataError
+    from nasforge.tracking.datasets import log_dataset
+
+    if not (dataset / "meta.json").is_file():
+        return
+    with contextlib.suppress(DataError):
+        log_dataset(uri, run_id, dataset, stage, md5)

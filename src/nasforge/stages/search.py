@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 from optuna.distributions import CategoricalDistribution
-from safetensors.torch import save_file
 
+from nasforge.atomic import save_safetensors
 from nasforge.checkpoint import checkpoint_for, current_work_dir
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
@@ -114,9 +114,9 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
     )
     supernet_seconds = time.perf_counter() - t0
     output.mkdir(parents=True, exist_ok=True)
-    save_file(
+    save_safetensors(
         {k: v.contiguous() for k, v in supernet.state_dict().items()},
-        str(output / "supernet.safetensors"),
+        output / "supernet.safetensors",
     )
 
     setup = objective_setup(params, predictor)

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from nasforge import progress
 from nasforge.checkpoint import EpochCheckpoint
 from nasforge.space.cell import CellNetwork, CellNetworkShape, build_cell_network, effective_ops
 from nasforge.space.nb201 import EDGES, OPS, CellSpec
@@ -126,6 +127,7 @@ def train_supernet_uniform(
         history.append(total / max(n, 1))
         if checkpoint is not None:
             checkpoint.save(epoch, supernet, opt, sched, history, py_rng=rng, np_rng=np_rng)
+        progress.step("supernet epoch", epoch + 1, epochs, echo=False, loss=history[-1])
         if log_every and (epoch + 1) % log_every == 0:
             print(f"  supernet epoch {epoch + 1}/{epochs} loss {history[-1]:.4f}", flush=True)
     supernet.set_active_subnet(LARGEST_SPEC)

@@ -368,8 +368,7 @@ def run_macro_search(
     Returns:
         A :class:`nasforge.stages.StageResult`.
     """
-    from safetensors.torch import save_file
-
+    from nasforge.atomic import save_safetensors
     from nasforge.data.prepared import load_prepared
     from nasforge.search.setup import (
         SearchPredictor,
@@ -406,9 +405,9 @@ def run_macro_search(
     )
     supernet_seconds = time.perf_counter() - t0
     output.mkdir(parents=True, exist_ok=True)
-    save_file(
+    save_safetensors(
         {k: v.contiguous() for k, v in supernet.state_dict().items()},
-        str(output / "supernet.safetensors"),
+        output / "supernet.safetensors",
     )
     precision = deployed_precision(params)
     if predictor_factory is not None:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nasforge import progress
 from nasforge.errors import ConfigError
 from nasforge.space.macro import (
     DEPTHS,
@@ -513,6 +514,7 @@ def train_sandwich(
             total += loss.item() * len(xb)
             n += len(xb)
         history.append(total / max(n, 1))
+        progress.step("supernet epoch", epoch + 1, epochs, echo=False, loss=history[-1])
         if log_every and (epoch + 1) % log_every == 0:
             print(
                 f"  macro supernet [{choices.name}] epoch {epoch + 1}/{epochs} "

@@ -2,10 +2,26 @@
 
 Everything goes through :class:`mlflow.MlflowClient` with explicit run ids, never the fluent
 "active run" state, because each stage runs in its own process (KFP task, DVC stage, CLI call).
+
+The experiment is marked as model training (``mlflow.experimentKind``), so MLflow 3's UI opens
+it on its runs rather than the GenAI overview. Runs carry MLflow's source tags (the Source and
+Version columns), and a failed stage run carries its one-line error (``nasforge.error``, also the
+run's description) with status FAILED (KILLED when interrupted).
+
+KFP's own MLflow integration (the KFP backend's ``plugins.mlflow``, enabled by a cluster
+administrator) opens a parent run per pipeline run and a nested run per task, and passes the
+task's run to the container as ``MLFLOW_RUN_ID``. It does not replace nasforge's parent run: the
+kfp 2.17 SDK's ``Client`` cannot set a run's ``plugins_input`` (so the run lands in the
+administrator's default experiment, not ``tracking.experiment``), whether the plugin is on is a
+server setting a client cannot see before submitting, and ``kfp.local`` has no plugin at all.
+Where it is on, each stage run records the task's KFP run as ``kfp.mlflow_run_id`` and that run
+gets ``nasforge.stage_run_id`` back, so the two hierarchies link both ways.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import sys
@@ -19,6 +35,13 @@ from typing import Any
 from nasforge.errors import TrackingError
 
 PARENT_TAG = "mlflow.parentRunId"
+ERROR_TAG = "nasforge.error"
+#: MLflow 3's experiment type: "custom_model_development" opens the UI on the training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: Set on each task container by KFP's MLflow plugin (with the tracking URI it logs to).
+KFP_RUN_ENV = "MLFLOW_RUN_ID"
+KFP_POD_ENV = "KFP_POD_NAME"
 
 
 def _quiet_mlflow() -> None:
@@ -67,13 +90,17 @@ def experiment_id(uri: str, name: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older nasforge: mark it once
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
         # Artifacts beside the database, not in ./mlruns of whatever folder a task runs in.
         location = (Path(uri.removeprefix("sqlite:///")).absolute().parent / "mlartifacts").as_uri()
     try:
-        return c.create_experiment(name, artifact_location=location)
+        return c.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except Exception:  # noqa: BLE001 - another process created it first
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -98,7 +125,9 @@ def open_parent_run(uri: str, experiment: str, run_name: str, params: Mapping[st
     check_reachable(uri)
     c = client(uri)
     run = c.create_run(
-        experiment_id(uri, experiment), run_name=run_name, tags={"nasforge.kind": "pipeline"}
+        experiment_id(uri, experiment),
+        run_name=run_name,
+        tags={"nasforge.kind": "pipeline", **source_tags("nasforge run")},
     )
     for k, v in flatten(params).items():
         c.log_param(run.info.run_id, k, v[:6000])
@@ -126,6 +155,53 @@ def open_cluster_parent_run(params: Any, run_name: str | None = None) -> str:
         return ""
     name = run_name or f"{params.run.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     return open_parent_run(uri, params.tracking.experiment, name, params.model_dump(mode="json"))
+
+
+@functools.cache
+def _git_tags() -> dict[str, str]:
+    """The commit of the nasforge checkout that runs (none for an installed wheel)."""
+    try:
+        from mlflow.utils.git_utils import get_git_branch, get_git_commit, get_git_repo_url
+
+        here = str(Path(__file__).resolve().parent)
+        commit = get_git_commit(here)
+    except Exception:  # noqa: BLE001 - no git, no repository: no version tags
+        return {}
+    if not commit:
+        return {}
+    tags = {"mlflow.source.git.commit": commit}
+    for key, fn in (("branch", get_git_branch), ("repoURL", get_git_repo_url)):
+        with contextlib.suppress(Exception):
+            value = fn(here)
+            if value:
+                tags[f"mlflow.source.git.{key}"] = value
+    return tags
+
+
+def source_tags(name: str) -> dict[str, str]:
+    """MLflow's source tags (runs table Source / Version columns) for a nasforge command."""
+    import getpass
+
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "LOCAL", **_git_tags()}
+    with contextlib.suppress(Exception):
+        tags["mlflow.user"] = getpass.getuser()
+    return tags
+
+
+def error_line(err: BaseException) -> str:
+    """The one-line description of a failure (the message of a NasforgeError)."""
+    from nasforge.errors import NasforgeError
+
+    text = " ".join(str(err).split()) or err.__class__.__name__
+    return text if isinstance(err, NasforgeError) else f"{err.__class__.__name__}: {text}"
+
+
+def kfp_task_run(uri: str) -> str | None:
+    """The run KFP's MLflow plugin opened for this task, when it logs to ``uri``; else None."""
+    run_id, kfp_uri = os.environ.get(KFP_RUN_ENV), os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not run_id or not os.environ.get(KFP_POD_ENV):
+        return None
+    return run_id if kfp_uri.rstrip("/") == uri.rstrip("/") else None
 
 
 def close_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
@@ -193,18 +269,31 @@ def stage_run(
 ) -> Iterator[StageRun]:
     """Open the run of one stage task, nested under ``parent_run_id`` when given.
 
-    The run is marked FAILED if the body raises.
+    The run is marked FAILED if the body raises (KILLED when interrupted), with the one-line
+    error as the tag ``nasforge.error`` and as the run's description. Inside a KFP task tracked
+    by KFP's MLflow plugin the two runs are cross-linked (see the module docstring).
     """
     check_reachable(uri)
     c = client(uri)
-    tags = {"nasforge.stage": stage}
+    tags = {"nasforge.stage": stage, **source_tags(f"nasforge {stage}")}
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
+    kfp_run = kfp_task_run(uri)
+    if kfp_run:
+        tags["kfp.mlflow_run_id"] = kfp_run
     run = c.create_run(experiment_id(uri, experiment), run_name=run_name or stage, tags=tags)
+    if kfp_run:
+        with contextlib.suppress(Exception):  # the link is a convenience, never a failure
+            c.set_tag(kfp_run, "nasforge.stage_run_id", run.info.run_id)
     handle = StageRun(uri, run.info.run_id)
     try:
         yield handle
-    except BaseException:
-        c.set_terminated(run.info.run_id, status="FAILED")
+    except BaseException as err:
+        interrupted = isinstance(err, KeyboardInterrupt | SystemExit)
+        with contextlib.suppress(Exception):  # never hide the stage's own error
+            line = error_line(err)[:5000]
+            c.set_tag(run.info.run_id, ERROR_TAG, line)
+            c.set_tag(run.info.run_id, "mlflow.note.content", f"error: {line}")
+        c.set_terminated(run.info.run_id, status="KILLED" if interrupted else "FAILED")
         raise
     c.set_terminated(run.info.run_id, status="FINISHED")
