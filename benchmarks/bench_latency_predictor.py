@@ -52,6 +52,9 @@ threads, runtime versions and the load average before/after each timed part::
     # INT8, in pieces (each merges into the same results):
     flock /tmp/nasforge-bench.lock nice -n 5 .venv/bin/python \\
         benchmarks/bench_latency_predictor.py --precision int8 --space cell --runtime openvino-cpu
+    # the macro space (~370 blocks) needs more calibration networks for its INT8 batch-1 fit:
+    flock /tmp/nasforge-bench.lock nice -n 5 .venv/bin/python \\
+        benchmarks/bench_latency_predictor.py --precision int8 --space macro --calibration-networks 128
     .venv/bin/python benchmarks/bench_latency_predictor.py --n 8 --out /tmp/q  # quick check
 """
 
@@ -304,7 +307,9 @@ def run_space(args: argparse.Namespace, name: str, threads: int) -> tuple[dict, 
                 p50_all = np.array([np.median(runs[f"e{i}"]) for i in range(len(specs))])
                 cmeasured = [med[f"c{i}"] for i in range(len(calib))]
                 cal = table.calibrate(space, calib, cmeasured, bs)
-                counts = [space.block_counts(s, table.folds_constants) for s in specs]
+                counts = [
+                    space.block_counts(s, table.folds_constants, table.precision) for s in specs
+                ]
                 predicted = np.array([table.predict_counts(c, bs) for c in counts])
                 predicted_build = np.array([built.predict_counts(c, bs) for c in counts])
                 m = _metrics(predicted, measured)
@@ -582,8 +587,11 @@ def _markdown(r: dict) -> str:
         "Method: a table holds every block of the space profiled through the shared harness "
         "(shape-preserving blocks as chains of 1 and 3 copies, the difference per copy; other "
         "blocks alone minus a near-empty baseline model). Prediction = a regression per batch "
-        "size fitted on "
-        f"{s0['calibration_networks']} random calibration networks, disjoint from the "
+        "size fitted on random calibration networks ("
+        + ", ".join(
+            f"{key}: {v['calibration_networks']}" for key, v in sorted(r["settings"].items())
+        )
+        + f"), disjoint from the "
         f"{s0['n']} evaluated ones, and chosen by leave-one-out error (share of networks off by "
         "more than 10% plus the median error) among: block sum + overhead; + #blocks; block "
         "sums per kind of block; analytic multiply-adds and activations; and `in_context`: "

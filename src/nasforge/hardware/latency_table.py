@@ -35,7 +35,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import os
 import random
 import tempfile
 import time
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import nnls
 
+from nasforge.atomic import atomic_file
 from nasforge.bench.harness import Session, open_session, time_session
 from nasforge.bench.sysinfo import physical_cores, system_info
 from nasforge.bench.timing_export import (
@@ -59,7 +59,10 @@ from nasforge.errors import ModelFileError, TargetError
 from nasforge.hardware.spaces import BlockSpace
 from nasforge.hardware.targets import Target, get_target
 
-SCHEMA = "nasforge.latency_table/1"
+#: 2: cell zero nodes are computed by every runtime (no folding); INT8 cell tables count convs
+#: with a float output as blocks of their own (``fpconv:``). Tables of an older schema are
+#: rebuilt, not reused.
+SCHEMA = "nasforge.latency_table/2"
 
 
 def resolve_precision(target: Target, precision: str | None = None) -> str:
@@ -351,7 +354,7 @@ class LatencyTable:
         Returns:
             The new :class:`Calibration`.
         """
-        counts = [space.block_counts(s, self.folds_constants) for s in specs]
+        counts = [space.block_counts(s, self.folds_constants, self.precision) for s in specs]
         for c in counts:
             self.block_sum_ms(c, batch_size)  # a clear error for blocks not in the table
         cal = fit_calibration(
@@ -433,16 +436,8 @@ class LatencyTable:
     def save(self, path: Path | str) -> Path:
         """Write the table as JSON atomically (temp file + rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1, sort_keys=True)
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a table is shared like any result
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(path, suffix=".json") as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True))
         return path
 
     @classmethod
@@ -873,6 +868,8 @@ def build_latency_table(
                 models[f"{blk.key}#{rep}"] = (path, blk.input_shape)
         say(f"exported {len(models)} {prec} block models in {time.perf_counter() - t_start:.1f}s")
         stats = {blk.key: block_stats(blk.module(), blk.input_shape) for blk in blocks}
+        for key, source in space.derived_blocks(prec).items():
+            stats[key] = stats[source]
 
         rng = random.Random(seed)
         specs = [space.sample(rng) for _ in range(calibration_networks)]
@@ -911,10 +908,12 @@ def build_latency_table(
                 else:
                     v = med[f"{blk.key}#1"] - baselines[bs]
                 lat[blk.key] = max(0.0, v)
+            for key, source in space.derived_blocks(prec).items():
+                lat[key] = lat[source]
             table_blocks[bs] = lat
             say(f"batch {bs}: profiled {len(blocks)} blocks")
             if nets:
-                counts = [space.block_counts(s, folds) for s in specs]
+                counts = [space.block_counts(s, folds, prec) for s in specs]
                 y = [med[f"net#{i}"] for i in range(len(specs))]
                 calibs[bs] = cal = fit_calibration(counts, lat, y, space.feature_sets(), stats)
                 say(

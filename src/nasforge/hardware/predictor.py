@@ -326,7 +326,7 @@ def predict_latency_ms(
             tgt, space, (batch_size,), threads, table_dir, precision=precision
         )
     return table.predict_counts(
-        space.block_counts(spec_or_model, table.folds_constants), batch_size
+        space.block_counts(spec_or_model, table.folds_constants, table.precision), batch_size
     )
 
 
@@ -443,7 +443,7 @@ class LatencyPredictor:
                 calibration=self.calibration,
             ).p50_ms
         table = self.tables[target.name]
-        counts = self.space.block_counts(spec, table.folds_constants)
+        counts = self.space.block_counts(spec, table.folds_constants, table.precision)
         return table.predict_counts(counts, self.batch_size)
 
     def describe(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from nasforge.errors import ConfigError
+from nasforge.hardware.cell_int8_layout import float_output_convs
 from nasforge.space.cell import (
     CellNetworkShape,
     ReLUConvBN,
@@ -47,7 +48,7 @@ from nasforge.space.macro import (
     build_macro_network,
     stage_channels,
 )
-from nasforge.space.nb201 import EDGES, N_NODES, OPS, CellSpec, active_edges
+from nasforge.space.nb201 import EDGES, N_NODES, OPS, CellSpec
 
 
 @dataclass(frozen=True)
@@ -84,23 +85,12 @@ class _Add(nn.Module):
         return x + x
 
 
-class _AddConst(nn.Module):
-    """A node sum of a computed tensor and a folded constant (a runtime that folds constants
-    turns the ops reading a constant node into one constant, still added at run time)."""
-
-    def __init__(self, channels: int, height: int, width: int) -> None:
-        super().__init__()
-        self.register_buffer("const", torch.randn(channels, height, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return x + self.const
-
-
 class _Zeros(nn.Module):
-    """A node with no live input: NB201 makes it zeros shaped like the cell input."""
+    """A node with no live input: zeros shaped like the cell input, as ``Cell.forward`` makes
+    them (``x * 0``, an op on the input that no runtime folds)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return torch.zeros_like(x)
+        return x * 0.0
 
 
 class _Head(nn.Module):
@@ -175,15 +165,28 @@ class BlockSpace:
             ("in_context", "const"),
         ]
 
-    def block_counts(self, spec: Any, folds_constants: bool = False) -> Counter[str]:
+    def block_counts(
+        self, spec: Any, folds_constants: bool = False, precision: str = "fp32"
+    ) -> Counter[str]:
         """How many times each block occurs in the network of ``spec``.
 
         Args:
             spec: An architecture of the space.
             folds_constants: The runtime compiles static shapes and folds computation that does
                 not depend on the input (OpenVINO); ONNX Runtime with a dynamic batch does not.
+            precision: ``"int8"`` counts blocks of the deployed INT8 graph, which may differ
+                (see :meth:`derived_blocks`).
         """
         raise NotImplementedError
+
+    def derived_blocks(self, precision: str) -> dict[str, str]:
+        """Blocks counted but not profiled at ``precision``: ``{key: profiled key}``.
+
+        Such a block starts from the latency of the profiled block it names; the calibration's
+        in-context regression corrects it on the calibration networks (see
+        :func:`nasforge.hardware.latency_table.fit_calibration`).
+        """
+        return {}
 
     def sample(self, rng: random.Random) -> Any:
         """A uniformly random architecture of the space."""
@@ -258,8 +261,6 @@ class CellBlockSpace(BlockSpace):
                 make: Callable[[], nn.Module] = functools.partial(_op_without_relu, op, c)
                 out.append(Block(f"op:{op}:c{c}:{h}x{w}", make, (c, h, w), chainable=True))
             out.append(Block(f"add:c{c}:{h}x{w}", _Add, (c, h, w), chainable=True))
-            add_const = functools.partial(_AddConst, c, h, w)
-            out.append(Block(f"addconst:c{c}:{h}x{w}", add_const, (c, h, w), chainable=True))
             out.append(Block(f"relu:c{c}:{h}x{w}", nn.ReLU, (c, h, w)))
             out.append(Block(f"zeros:c{c}:{h}x{w}", _Zeros, (c, h, w)))
             prev = (c, h, w)
@@ -267,30 +268,17 @@ class CellBlockSpace(BlockSpace):
         out.append(Block(self._head_key(), functools.partial(_Head, c, s.num_classes), (c, h, w)))
         return out
 
-    def block_counts(self, spec: Any, folds_constants: bool = False) -> Counter[str]:  # noqa: D102
+    def block_counts(  # noqa: D102
+        self, spec: Any, folds_constants: bool = False, precision: str = "fp32"
+    ) -> Counter[str]:
+        # ``folds_constants`` changes nothing here: a node fed by ``none`` edges only is ``x * 0``
+        # (see ``Cell.forward``), which depends on the input, so no runtime folds it or the convs
+        # reading it (OpenVINO's compiled graph runs them: checked in the tests).
+        del folds_constants
         if not isinstance(spec, CellSpec):
             raise ConfigError(f"cell space expects a CellSpec, got {type(spec).__name__}")
-        counts: Counter[str] = Counter({self._stem_key(): 1})
-        if folds_constants:
-            # Only edges on an input-to-output path compute; a node without such an input is a
-            # constant. If the cell output is constant the whole rest of the network is, and the
-            # runtime folds it away.
-            computed = list(active_edges(spec))
-            if not any(computed[k] for k, (dst, _s) in enumerate(EDGES) if dst == N_NODES - 1):
-                return counts
-        else:
-            computed = computed_edges(spec)
-        # Nodes that also read a constant node through a live edge: the runtime folds those
-        # ops into one constant, but still adds it to the node at run time, a broadcast add
-        # (OpenVINO: with layout reorders around it) the other counts miss. Counting it took
-        # the cell benchmark's OpenVINO batch-32 predictions from 88% to 98% within 10%.
-        live = computed_edges(spec)
-        const_in = (
-            {d for k, (d, _s) in enumerate(EDGES) if live[k] and not computed[k]}
-            if folds_constants
-            else set()
-        )
-        counts[self._head_key()] += 1
+        counts: Counter[str] = Counter({self._stem_key(): 1, self._head_key(): 1})
+        computed = computed_edges(spec)
         incoming = [
             sum(1 for k, (d, _s) in enumerate(EDGES) if d == node and computed[k])
             for node in range(N_NODES)
@@ -329,16 +317,33 @@ class CellBlockSpace(BlockSpace):
             for node in range(1, N_NODES):
                 if node not in used:
                     continue
-                if incoming[node] == 0 and not folds_constants:
+                if incoming[node] == 0:
                     per_cell[f"zeros:c{c}:{h}x{w}"] += 1
                 elif incoming[node] > 1:
                     per_cell[f"add:c{c}:{h}x{w}"] += incoming[node] - 1
-                if folds_constants and incoming[node] and node in const_in:
-                    per_cell[f"addconst:c{c}:{h}x{w}"] += 1
             for key, n in per_cell.items():
                 counts[key] += n * self.shape.cells_per_stage
             prev = (c, h, w)
+        if precision == "int8":
+            stages = self._stages()
+            fp = float_output_convs(spec, self.shape.stages, self.shape.cells_per_stage)
+            for (op, stage), n in fp.items():
+                c, h, w = stages[stage]
+                counts[f"fpconv:{op}:c{c}:{h}x{w}"] += n
         return counts
+
+    def derived_blocks(self, precision: str) -> dict[str, str]:  # noqa: D102
+        # A conv with a float output in the INT8 graph (see nasforge.hardware.cell_int8_layout)
+        # starts from the cost of the same conv: a float kernel plus the layout transposes
+        # around it cost about as much again as the fused INT8 conv (1.0x fitted best of
+        # 0, 0.5, 1 and 2x in the INT8 cell benchmark).
+        if precision != "int8":
+            return {}
+        return {
+            f"fpconv:{op}:c{c}:{h}x{w}": f"op:{op}:c{c}:{h}x{w}"
+            for c, h, w in self._stages()
+            for op in ("nor_conv_1x1", "nor_conv_3x3")
+        }
 
     def feature_sets(self) -> list[tuple[str, ...]]:  # noqa: D102
         # Per op kind: runtimes fuse node sums and ReLUs into neighbouring convs, and ops
@@ -348,7 +353,7 @@ class CellBlockSpace(BlockSpace):
             "sum[op:nor_conv_3x3]",
             "sum[op:nor_conv_1x1]",
             "sum[op:avg_pool_3x3]",
-            "sum[add:,addconst:,relu:,zeros:]",
+            "sum[add:,relu:,zeros:]",
             "sum[stem:,reduction:,head:]",
             "const",
         )
@@ -556,7 +561,9 @@ class MacroBlockSpace(BlockSpace):
             out.append(Block(self._head_key(c, h, w), make, (c, h, w)))
         return out
 
-    def block_counts(self, spec: Any, folds_constants: bool = False) -> Counter[str]:  # noqa: D102
+    def block_counts(  # noqa: D102
+        self, spec: Any, folds_constants: bool = False, precision: str = "fp32"
+    ) -> Counter[str]:
         if not isinstance(spec, MacroSpec):
             raise ConfigError(f"macro space expects a MacroSpec, got {type(spec).__name__}")
         configs, (c, h, w) = self._layout(spec)
