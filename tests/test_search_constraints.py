@@ -185,7 +185,7 @@ def test_ask_valid_prunes_invalid_proposals_for_optunas_samplers() -> None:
 def test_ask_valid_gives_up_with_a_clear_error() -> None:
     study = optuna.create_study(sampler=make_sampler("optuna-random", 0))
     with pytest.raises(ConfigError, match="5 invalid points in a row"):
-        ask_valid(study, DISTS, lambda p: False, max_tries=5)
+        ask_valid(study, DISTS, lambda p: False, max_tries=5, repair_after=0)
     assert len(study.get_trials(states=(TrialState.PRUNED,))) == 5
 
 
@@ -239,3 +239,9 @@ def test_default_sampler_options_size_nsga2_to_the_budget() -> None:
     assert default_sampler_options("hybrid", 30) == {}
     with pytest.raises(ConfigError, match="trials"):
         default_sampler_options("optuna-nsga2", 0)
+
+
+def test_ask_valid_with_repair_still_names_a_space_with_nothing_valid() -> None:
+    study = optuna.create_study(sampler=make_sampler("optuna-random", 0))
+    with pytest.raises(ConfigError, match="3 invalid points in a row .*rejects everything"):
+        ask_valid(study, DISTS, lambda p: False, max_tries=50, repair_after=3)

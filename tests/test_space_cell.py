@@ -145,3 +145,67 @@ def test_the_search_never_evaluates_a_disconnected_cell(strategy):
     )
     assert len(records) == 25
     assert len(seen) == 25 and all(is_connected(s) for s in seen)
+
+
+def test_a_deterministic_strategy_stuck_on_a_disconnected_cell_is_repaired():
+    """Optuna's GPSampler ignores a rejected proposal and, given the same trials, proposes it
+    again forever (seen in bench-search): after a few in a row a random connected cell is
+    evaluated instead, tagged as a repair, and the search goes on."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from nasforge.search.base import INVALID_ATTR, REPAIRED_ATTR, ask_valid
+    from nasforge.space.nb201 import OPS, PARAM_NAMES
+    from nasforge.stages.search import _connected
+
+    class Stubborn(optuna.samplers.BaseSampler):
+        """Always proposes the all-`none` cell (no input-to-output path)."""
+
+        def infer_relative_search_space(self, study, trial):
+            return {}
+
+        def sample_relative(self, study, trial, search_space):
+            return {}
+
+        def sample_independent(self, study, trial, name, distribution):
+            return "none"
+
+    study = optuna.create_study(sampler=Stubborn())
+    dists = {n: CategoricalDistribution(list(OPS)) for n in PARAM_NAMES}
+    for k in range(5):
+        trial = ask_valid(study, dists, _connected, repair_after=3)
+        assert _connected(trial.params) and trial.user_attrs[REPAIRED_ATTR] == 3
+        study.tell(trial, 1.0)
+    invalid = [t for t in study.trials if t.user_attrs.get(INVALID_ATTR)]
+    assert len(invalid) == 15 and all(t.state.name == "PRUNED" for t in invalid)
+    assert (
+        len({tuple(t.params.values()) for t in study.trials if not t.user_attrs.get(INVALID_ATTR)})
+        == 5
+    )
+
+
+def test_gaussian_process_search_finishes_on_the_cell_space():
+    from optuna.distributions import CategoricalDistribution
+
+    from nasforge.search.study import run_study
+    from nasforge.space.nb201 import OPS, PARAM_NAMES, search_space
+    from nasforge.stages.search import _connected, _describe_cell
+
+    def evaluate(p):
+        convs = sum(p[n].startswith("nor_conv") for n in PARAM_NAMES)
+        return {"val_error": 0.5 + 0.01 * convs, "lat": float(convs)}
+
+    records = run_study(
+        evaluate,
+        objectives=["val_error", "lat"],
+        distributions={n: CategoricalDistribution(list(OPS)) for n in PARAM_NAMES},
+        strategy="optuna-gp",
+        seed=0,
+        trials=15,
+        storage=None,
+        study_name="t",
+        is_valid=_connected,
+        search_space=search_space(),
+        describe=_describe_cell,
+    )
+    assert len(records) == 15

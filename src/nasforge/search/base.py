@@ -147,24 +147,60 @@ def process_constraints(
     study._storage.set_trial_system_attr(trial._trial_id, _CONSTRAINTS_KEY, values)
 
 
+REPAIRED_ATTR = "nasforge_repaired"
+"""User attribute of a trial :func:`ask_valid` drew at random after the strategy kept proposing
+invalid points (its value: the number of invalid proposals in a row before it)."""
+
+
+def random_valid_params(
+    distributions: Mapping[str, BaseDistribution],
+    is_valid: IsValid,
+    seed: int,
+    max_tries: int = 2_000,
+) -> dict[str, Any]:
+    """A point drawn uniformly from ``distributions`` (Optuna's RandomSampler) that is valid.
+
+    Raises:
+        ConfigError: No valid point in ``max_tries`` draws.
+    """
+    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    for _ in range(max_tries):
+        params = scratch.ask(dict(distributions)).params
+        if is_valid(params):
+            return params
+    raise ConfigError(
+        f"no valid point in {max_tries} uniform draws; is_valid may reject everything"
+    )
+
+
 def ask_valid(
     study: Study,
     distributions: Mapping[str, BaseDistribution],
     is_valid: IsValid,
     max_tries: int = 500,
+    repair_after: int = 3,
+    before_ask: Callable[[], None] | None = None,
+    skip_attrs: Mapping[str, Any] | None = None,
 ) -> optuna.Trial:
     """Ask ``study`` for a trial whose parameters satisfy ``is_valid``, for any sampler.
 
     Optuna's samplers cannot be told which points are valid (e.g. that a NAS-Bench-201 cell
     needs an input-to-output path), so each invalid proposal is recorded and the sampler asked
     again. A rejected proposal is told ``TrialState.PRUNED``, with the user attribute
-    :data:`INVALID_ATTR` set, and is never evaluated:
+    :data:`INVALID_ATTR` set (plus ``skip_attrs``), and is never evaluated:
 
     * it does not count as an evaluation (not COMPLETE: budgets count COMPLETE trials);
     * the samplers learn from it where they can: TPE ranks pruned trials below every complete
       one (so it moves away from invalid regions), nasforge's samplers never propose a point
       twice, NSGA-II and GP ignore it. FAIL would also be ignored by all of them, but would read
       as a crash in logs and dashboards; PRUNED says "stopped before it was worth evaluating".
+
+    A sampler that ignores the rejection and is deterministic given the study (Optuna's
+    GPSampler optimizes its acquisition function from the same trials every time) proposes the
+    same invalid point forever. So after ``repair_after`` invalid proposals in a row the next
+    trial is a uniformly random valid point (a repair step, seeded by the study's trial count,
+    so a resumed search repeats it), enqueued into the study and tagged :data:`REPAIRED_ATTR`;
+    the strategy then continues from a study that has one more informative trial.
 
     Optuna's samplers with a ``constraints_func`` call it on PRUNED trials too, so it must cope
     with a trial that has no results (e.g. return ``[]`` or look the values up by params);
@@ -176,6 +212,10 @@ def ask_valid(
             so that the whole point is known before it is checked.
         is_valid: ``params -> bool``.
         max_tries: proposals asked at most, this call.
+        repair_after: invalid proposals in a row before a random valid point is asked
+            (0: never).
+        before_ask: called before every ``study.ask`` (e.g. to reseed the sampler).
+        skip_attrs: more user attributes for a rejected proposal (e.g. why it was skipped).
 
     Returns:
         A RUNNING trial with valid parameters; evaluate it and ``study.tell`` it as usual.
@@ -186,11 +226,27 @@ def ask_valid(
     """
     if max_tries < 1:
         raise ConfigError(f"max_tries must be >= 1, got {max_tries}")
-    for _ in range(max_tries):
+    invalid = 0
+    for tries in range(max_tries):
+        repair = 0 < repair_after <= tries
+        if repair:
+            seed = len(study._get_trials(deepcopy=False, use_cache=False))
+            try:
+                params = random_valid_params(distributions, is_valid, seed)
+            except ConfigError:
+                break  # nothing valid to repair with: the error below says so
+            study.enqueue_trial(params)
+        if before_ask is not None:
+            before_ask()
         trial = study.ask(dict(distributions))
         if is_valid(trial.params):
+            if repair:
+                trial.set_user_attr(REPAIRED_ATTR, tries)
             return trial
+        invalid += 1
         trial.set_user_attr(INVALID_ATTR, True)
+        for key, value in (skip_attrs or {}).items():
+            trial.set_user_attr(key, value)
         study.tell(trial, state=TrialState.PRUNED)
     total = sum(
         1
@@ -198,7 +254,7 @@ def ask_valid(
         if t.user_attrs.get(INVALID_ATTR)
     )
     raise ConfigError(
-        f"the sampler proposed {max_tries} invalid points in a row ({total} in the study); "
+        f"the sampler proposed {invalid} invalid points in a row ({total} in the study); "
         "the valid part of the space may be too small for it, or is_valid rejects everything"
     )
 

@@ -23,7 +23,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from nasforge.errors import ConfigError
-from nasforge.search.base import INVALID_ATTR
+from nasforge.progress import step as progress_step
+from nasforge.search.base import ask_valid
 from nasforge.search.objectives import Constraint, check_feasible, column_kind, explain_infeasible
 from nasforge.search.pareto import non_domination_rank
 from nasforge.stages import StageResult
@@ -142,30 +143,35 @@ def run_study(
     done = completed()
     if first is not None and not study.trials:
         study.enqueue_trial(dict(first))
-    invalid_in_a_row = 0
     every = max(1, trials // 5)
-    while len(done) < trials:
-        # A fresh sampler per trial: the strategies keep their state in the study, not in the
-        # sampler, so proposals depend only on the study's trials (resumption is exact).
+
+    def reseed() -> None:
+        # A fresh sampler per proposal: the strategies keep their state in the study, not in
+        # the sampler, so proposals depend only on the study's trials (resumption is exact).
         # Seeded by the proposals so far (evaluated or skipped as degenerate, not the trials a
         # kill cut short): a skipped proposal must not be proposed again by the same seed.
         asked = sum(1 for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
         study.sampler = sampler(asked)
-        trial = study.ask(dict(distributions))
-        if is_valid is not None and not is_valid(trial.params):
-            # Optuna's samplers cannot be told the space's validity: the proposal is recorded
-            # as PRUNED (no evaluation, not a trial of the budget) and the strategy asked again.
-            trial.set_user_attr(SKIPPED_ATTR, "degenerate: no input-to-output path")
-            trial.set_user_attr(INVALID_ATTR, True)  # nasforge's samplers skip its constraints
-            study.tell(trial, state=TrialState.PRUNED)
-            invalid_in_a_row += 1
-            if invalid_in_a_row >= MAX_INVALID_IN_A_ROW:
-                raise ConfigError(
-                    f"strategy {strategy!r} proposed {invalid_in_a_row} degenerate architectures "
-                    "in a row; the space may have too few valid ones"
+
+    while len(done) < trials:
+        if is_valid is None:
+            reseed()
+            trial = study.ask(dict(distributions))
+        else:
+            try:
+                trial = ask_valid(
+                    study,
+                    distributions,
+                    is_valid,
+                    max_tries=MAX_INVALID_IN_A_ROW,
+                    before_ask=reseed,
+                    skip_attrs={SKIPPED_ATTR: "degenerate: no input-to-output path"},
                 )
-            continue
-        invalid_in_a_row = 0
+            except ConfigError:
+                raise ConfigError(
+                    f"strategy {strategy!r} proposed {MAX_INVALID_IN_A_ROW} degenerate "
+                    "architectures in a row; the space may have too few valid ones"
+                ) from None
         metrics = evaluate(trial.params)
         missing = [n for n in objectives if n not in metrics]
         if missing:
@@ -179,6 +185,7 @@ def run_study(
             raise ConfigError(f"objective {bad!r} is not finite for {describe(trial.params)}")
         study.tell(trial, values)
         done = completed()
+        progress_step("search trial", len(done), trials, echo=False)
         if progress and (len(done) % every == 0 or len(done) == trials):
             name = describe(trial.params).get("arch_str", trial.number)
             progress(
