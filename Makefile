@@ -22,10 +22,12 @@ install: $(STAMP)
 run: install
 	$(BIN)/nasforge run --params $(PARAMS)
 
-## The whole test suite (unit, integration: kfp.local, dvc repro, mlflow server; end to end).
+## The whole test suite (unit, integration: kfp.local, dvc repro, mlflow server; end to end),
+## one worker per core (pytest-xdist), each test file on one worker, the longest files first.
 ## Container tests build a 2.2 GB image (~10 min with podman) and run with `make test-container`.
+TEST_WORKERS ?= auto
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not container" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not container" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## Build the CPU image with podman/docker and run real stages in it (skips if neither can run).
 test-container: install
