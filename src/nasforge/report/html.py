@@ -339,12 +339,12 @@ def render(
         {
             "target": t,
             "model": f"{s.get('model_name')} v{s.get('version')}" if s.get("version") else "-",
-            "candidate": s.get("candidate", "-"),
+            "candidate": s.get("candidate") or "-",
             "test accuracy": f"{s['accuracy']:.4f}" if s.get("accuracy") is not None else "-",
             "p50 batch 1 (ms)": f"{s['latency_p50_ms']:.3f}"
             if s.get("latency_p50_ms") is not None
             else "-",
-            "size (bytes)": s.get("size_bytes", "-"),
+            "size (bytes)": s["size_bytes"] if s.get("size_bytes") is not None else "-",
             "promoted": "yes" if s.get("promoted") else "no",
             "champion": f"v{s['champion_version']}" if s.get("champion_version") else "-",
             "why": s.get("reason", ""),
