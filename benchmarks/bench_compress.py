@@ -44,7 +44,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,7 @@ from nasforge.compress.qat import (
 )
 from nasforge.export.onnx import export_fp32, export_int8
 from nasforge.export.parity import check_parity, runtime_runner
-from nasforge.training import kd_loss
+from nasforge.training import kd_loss, train_loop
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.tar"
@@ -235,31 +235,49 @@ def train(
         div_factor=10,
         final_div_factor=100,
     )
-    for epoch in range(epochs):
-        t0 = time.time()
-        model.train()
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
         xa = views[epoch % len(views)] if views is not None else augment(x, rng)
         tl = teacher_logits[epoch % len(teacher_logits)] if teacher_logits is not None else None
         perm = torch.from_numpy(rng.permutation(len(x)))
-        total = 0.0
-        for s in range(steps):
+        for s in range(steps):  # whole batches only
             idx = perm[s * batch : (s + 1) * batch]
-            out = model(_norm_cl(xa[idx]))
-            if tl is not None:
-                loss = kd_loss(out, tl[idx], y[idx], kd_temp, kd_alpha, label_smoothing)
-            else:
-                loss = F.cross_entropy(out, y[idx], label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach())
+            yield _norm_cl(xa[idx]), y[idx], *(() if tl is None else (tl[idx],))
+
+    def step(b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        out = model(b[0])
+        if len(b) == 3:
+            loss = kd_loss(out, b[2], b[1], kd_temp, kd_alpha, label_smoothing)
+        else:
+            loss = F.cross_entropy(out, b[1], label_smoothing=label_smoothing)
+        loss.backward()
+        return loss
+
+    t0 = time.time()
+
+    def before_epoch(epoch: int) -> None:
+        nonlocal t0
+        t0 = time.time()
+
+    def after_epoch(epoch: int, losses: dict[str, float]) -> None:
         if log:
             print(
-                f"  {log} epoch {epoch + 1}/{epochs}: loss {total / max(steps, 1):.3f} "
+                f"  {log} epoch {epoch + 1}/{epochs}: loss {losses['loss']:.3f} "
                 f"({time.time() - t0:.0f} s)",
                 flush=True,
             )
+
+    train_loop(
+        model,
+        opt,
+        step,
+        batches,
+        epochs=epochs,
+        scheduler=sched,
+        before_epoch=before_epoch,
+        after_epoch=after_epoch,
+        progress_kind=None,
+    )
     model.eval()
     return time.process_time() - start
 
@@ -463,22 +481,35 @@ def int8_suite(
         n = min(len(x), r.samples)
         steps = r.epochs * (n // r.batch)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(steps, 1))
-        step = 0
-        for _ in range(r.epochs):
+        taken = 0
+
+        def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             sub = torch.from_numpy(rng.permutation(len(x))[:n])
             xa = augment(x[sub], rng)
             for i in range(0, n - r.batch + 1, r.batch):
-                if step == steps // 2:  # freeze the quantization grid for the second half
-                    prepared.apply(disable_observer)
-                if r.freeze_bn < 1.0 and step == int(steps * r.freeze_bn):
-                    freeze_bn_stats(prepared)
-                xb = torch.from_numpy(normalize(xa[i : i + r.batch]))
-                loss = F.cross_entropy(prepared(xb), y[sub[i : i + r.batch]], label_smoothing=0.1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
+                yield torch.from_numpy(normalize(xa[i : i + r.batch])), y[sub[i : i + r.batch]]
+
+        def step(b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            nonlocal taken
+            if taken == steps // 2:  # freeze the quantization grid for the second half
+                prepared.apply(disable_observer)
+            if r.freeze_bn < 1.0 and taken == int(steps * r.freeze_bn):
+                freeze_bn_stats(prepared)
+            taken += 1
+            loss = F.cross_entropy(prepared(b[0]), b[1], label_smoothing=0.1)
+            loss.backward()
+            return loss
+
+        train_loop(
+            prepared,
+            opt,
+            step,
+            batches,
+            epochs=r.epochs,
+            scheduler=sched,
+            train_mode=False,  # a pt2e graph: prepare_qat left it in train mode
+            progress_kind=None,
+        )
 
     t0 = time.process_time()
     qat = quantize_qat(ref.eval(), example, qat_loop)

@@ -6,7 +6,7 @@ MobileNet) and each runtime target (ONNX Runtime, OpenVINO FP32 on this CPU) thi
 1. builds a latency table by profiling every block of the space, calibrated on
    ``--calibration-networks`` random networks (timed: acceptance <= 10 min per table);
 2. measures ``--n`` other random subnets end to end at each batch size with the same harness
-   (:func:`nasforge.hardware.latency_table.time_interleaved`: interleaved rounds, min of round
+   (:func:`nasforge.hardware.profiling.time_interleaved`: interleaved rounds, min of round
    medians), the calibration networks in the same rounds;
 3. compares predictions with measurements: fraction within +-10%, Kendall tau, median error.
 
@@ -76,13 +76,14 @@ from scipy.stats import kendalltau
 
 from nasforge.bench.harness import open_session
 from nasforge.bench.sysinfo import physical_cores, system_info
-from nasforge.bench.timing_export import QUANTIZATION, export_for_timing, quantize_for_timing
-from nasforge.hardware.latency_table import (
-    block_stats,
-    build_latency_table,
-    time_interleaved,
+from nasforge.bench.timing_export import (
+    QUANTIZATION,
+    export_for_timing,
+    quantize_for_timing,
     torch_single_thread,
 )
+from nasforge.hardware.calibration import block_stats
+from nasforge.hardware.profiling import build_latency_table, time_interleaved
 from nasforge.hardware.spaces import BlockSpace, CellBlockSpace, MacroBlockSpace
 from nasforge.space.cell import CellNetworkShape
 

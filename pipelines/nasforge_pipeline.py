@@ -55,7 +55,7 @@ def split_targets(targets: Sequence[str]) -> tuple[list[str], list[str]]:
         raise ConfigError("targets: at least one target is needed")
     cpu, gpu = [], []
     for name in targets:
-        (gpu if get_target(name).device in ("cuda", "tensorrt") else cpu).append(name)
+        (gpu if get_target(name).needs_gpu else cpu).append(name)
     return cpu, gpu
 
 

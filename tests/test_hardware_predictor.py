@@ -13,9 +13,10 @@ import pytest
 from nasforge.bench.timing_export import export_for_timing
 from nasforge.errors import ModelFileError, TargetError
 from nasforge.hardware.energy import estimate_energy, meter_for, model_energy, table_energy
-from nasforge.hardware.latency_table import LatencyTable, build_latency_table
+from nasforge.hardware.latency_table import LatencyTable
 from nasforge.hardware.memory import memory_report, peak_activation_bytes
 from nasforge.hardware.predictor import LatencyPredictor, get_latency_table, predict_latency_ms
+from nasforge.hardware.profiling import build_latency_table
 from nasforge.hardware.spaces import CellBlockSpace, computed_edges, get_space
 from nasforge.hardware.targets import get_target, shared_data_dir
 from nasforge.space.cell import CellNetworkShape
@@ -403,7 +404,7 @@ def test_macro_table_roundtrip_and_prediction(macro_space, tmp_path: Path):
 
 
 def test_predictor_uses_calibration_regression(ort_table: LatencyTable, space: CellBlockSpace):
-    from nasforge.hardware.latency_table import Calibration
+    from nasforge.hardware.calibration import Calibration
 
     counts = space.block_counts(CellSpec.from_arch_str(ARCH))
     block_sum = ort_table.block_sum_ms(counts, 1)
@@ -421,7 +422,7 @@ def test_predictor_uses_calibration_regression(ort_table: LatencyTable, space: C
 
 
 def test_fit_calibration_recovers_overhead_and_picks_features():
-    from nasforge.hardware.latency_table import fit_calibration
+    from nasforge.hardware.calibration import fit_calibration
 
     rng = np.random.default_rng(0)
     x = rng.uniform(1, 10, 20)
@@ -456,7 +457,7 @@ def test_fit_calibration_recovers_overhead_and_picks_features():
 
 
 def test_in_context_regression_corrects_blocks_the_profile_gets_wrong():
-    from nasforge.hardware.latency_table import Calibration, fit_calibration
+    from nasforge.hardware.calibration import Calibration, fit_calibration
 
     rng = np.random.default_rng(1)
     keys = [f"b{i}" for i in range(30)]
@@ -497,7 +498,7 @@ def test_in_context_regression_corrects_blocks_the_profile_gets_wrong():
 
 def test_time_interleaved_budget_quantile_and_samples(space: CellBlockSpace, tmp_path: Path):
     from nasforge.bench.harness import open_session
-    from nasforge.hardware.latency_table import time_interleaved
+    from nasforge.hardware.profiling import time_interleaved
 
     path = export_for_timing(
         space.build(CellSpec.from_arch_str(ARCH)), space.input_shape(), tmp_path / "t.onnx"
@@ -645,7 +646,8 @@ def test_gpu_target_with_table_predicts_without_the_runtime(
     ort_table: LatencyTable, space: CellBlockSpace, tmp_path: Path, monkeypatch
 ):
     import nasforge.bench.harness as harness
-    import nasforge.hardware.latency_table as lt
+    import nasforge.hardware.profiling as lt
+    import nasforge.hardware.table_cache as cache
 
     if get_target("tensorrt-gpu").is_available():  # pragma: no cover - only on a GPU machine
         pytest.skip("tensorrt-gpu runs here")
@@ -657,6 +659,7 @@ def test_gpu_target_with_table_predicts_without_the_runtime(
     monkeypatch.setattr(harness, "open_session", no_runtime)
     monkeypatch.setattr(lt, "open_session", no_runtime)
     monkeypatch.setattr(lt, "build_latency_table", no_runtime)
+    monkeypatch.setattr(cache, "build_latency_table", no_runtime)
     pred = LatencyPredictor(["tensorrt-gpu"], space, threads=1, table_dir=tmp_path)
     spec = CellSpec.from_arch_str(ARCH)
     counts = space.block_counts(spec, ort_table.folds_constants)

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from nasforge.bench.harness import measure
 from nasforge.errors import TargetError
 from nasforge.hardware import targets
+from nasforge.hardware.latency import latency_model
 from nasforge.hardware.targets import (
-    RuntimeTarget,
     TableTarget,
+    Target,
     get_target,
     list_targets,
     register_target,
@@ -86,7 +88,8 @@ def test_table_target_lookup_shared_csv():
     class Spec:  # anything with .arch_str (CellSpec) goes through the same interface
         arch_str = ARCH
 
-    assert t.predict_latency_ms(Spec()) == t.lookup(ARCH)
+    # search's one latency interface: the table-column latency model
+    assert latency_model(t).predict_ms(Spec()) == t.lookup(ARCH)
     assert "table:fpga_latency_ms" in list_targets(NB201_CSV)
 
 
@@ -97,7 +100,7 @@ def test_table_target_errors():
     with pytest.raises(TargetError, match="no column 'nope_ms'.*raspi4_latency_ms"):
         get_target("table:nope_ms", table=NB201_CSV).lookup(ARCH)
     with pytest.raises(TargetError, match="latency table"):
-        get_target("table:raspi4_latency_ms").measure("x.onnx")
+        measure("x.onnx", get_target("table:raspi4_latency_ms"))
 
 
 def test_table_target_one_csv_adds_a_device(tmp_path: Path):
@@ -113,15 +116,14 @@ def test_table_target_one_csv_adds_a_device(tmp_path: Path):
         get_target("table:mydev_latency_ms", table=tmp_path / "missing.csv").check_available()
 
 
-def test_adding_a_runtime_target_is_one_class():
-    @register_target
-    class MyCpuTarget(RuntimeTarget):
-        name = "test-my-cpu"
-        runtime = "onnxruntime"
-        device = "cpu"
-
+def test_adding_a_target_of_a_runtime_is_data():
+    # A target is data (name, runtime, device, precision, options); its runtime does the work.
+    register_target(Target("test-my-cpu", "onnxruntime", "cpu"))
     try:
         t = get_target("test-my-cpu")
-        assert isinstance(t, MyCpuTarget) and "test-my-cpu" in list_targets()
+        assert t == Target("test-my-cpu", "onnxruntime") and "test-my-cpu" in list_targets()
+        assert t.is_available() and t.backend.name == "onnxruntime"
     finally:
         targets._REGISTRY.pop("test-my-cpu", None)
+    with pytest.raises(TargetError, match="unknown runtime 'nope'"):
+        register_target(Target("test-nope", "nope"))

@@ -254,6 +254,47 @@ def test_progressive_sandwich_training_on_digits_beats_chance(digits) -> None:
     _check_trained(net, _CHEAP_PHASES, digits)
 
 
+class _Killed(Exception):
+    """Stands in for SIGKILL: raised right after a checkpoint is written."""
+
+
+def test_progressive_shrinking_resumes_in_the_phase_it_was_killed_in(digits, tmp_path) -> None:
+    """Killed after the first epoch of the width phase (channels already sorted), a rerun replays
+    the finished phases from their checkpoints and ends with the uninterrupted weights."""
+    from nasforge.checkpoint import EpochCheckpoint
+
+    x, y = digits["x_train"][:128], digits["y_train"][:128]
+    kw = dict(phases=_CHEAP_PHASES, epochs_per_phase=[1, 1, 1, 2], batch_size=64, n_random=1)
+
+    def trained(folder, die_in: str | None = None):
+        def checkpoints(name: str) -> EpochCheckpoint:
+            ck = EpochCheckpoint(folder / f"{name}.ckpt")
+            if name == die_in:
+
+                class Dying(EpochCheckpoint):
+                    def save(self, epoch, *args, **kwargs):
+                        super().save(epoch, *args, **kwargs)
+                        raise _Killed
+
+                return Dying(ck.path)
+            return ck
+
+        torch.manual_seed(0)
+        net = MacroSupernet(1, 10)
+        return net, train_progressive(net, x, y, checkpoints=checkpoints, **kw)
+
+    ref, ref_history = trained(tmp_path / "ref")
+    with pytest.raises(_Killed):
+        trained(tmp_path / "cut", die_in="supernet-width")
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == [
+        f"supernet-{p.name}.ckpt" for p in sorted(_CHEAP_PHASES, key=lambda p: p.name)
+    ]
+    resumed, history = trained(tmp_path / "cut")
+    assert history == ref_history
+    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
 @pytest.mark.slow
 def test_full_progressive_shrinking_on_digits(digits) -> None:
     torch.manual_seed(0)
@@ -275,10 +316,13 @@ def test_full_progressive_shrinking_on_digits(digits) -> None:
 
 
 def _evaluator(digits, net: MacroSupernet | None = None):
-    from nasforge.supernet.macro_search import MacroSubnetEvaluator
+    """Scores subnets of the whole macro space on validation error and parameters."""
+    from nasforge.search.subnet_metrics import SubnetEvaluator
+    from nasforge.space.registry import get_space
 
     torch.manual_seed(0)
-    return MacroSubnetEvaluator(
+    return SubnetEvaluator(
+        get_space("macro")(1, 10, (8, 8)),
         net or MacroSupernet(1, 10),
         digits["x_train"][:64],
         digits["x_val"][:64],
@@ -289,16 +333,16 @@ def _evaluator(digits, net: MacroSupernet | None = None):
 
 
 def test_macro_search_resumes_from_storage_without_reevaluating(digits, tmp_path) -> None:
-    from nasforge.supernet.macro_search import search_macro_subnets
+    from nasforge.search.driver import search_subnets
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     first = _evaluator(digits)
-    records = search_macro_subnets(first, strategy="regevo", trials=4, seed=0, storage=storage)
+    records = search_subnets(first, strategy="regevo", trials=4, seed=0, storage=storage)
     assert len(records) == 4
     assert MacroSpec.from_json(json.dumps(records[0]["spec"])) == MacroSpec.largest()
     # A second process picks the study up: only the missing trials are evaluated.
     again = _evaluator(digits, MacroSupernet(1, 10))
-    records = search_macro_subnets(again, strategy="regevo", trials=7, seed=0, storage=storage)
+    records = search_subnets(again, strategy="regevo", trials=7, seed=0, storage=storage)
     assert len(records) == 7
     assert len({r["trial"] for r in records}) == 7
     assert len(again.cache) <= 3
@@ -310,19 +354,19 @@ def test_macro_search_resumes_from_storage_without_reevaluating(digits, tmp_path
 
 @pytest.mark.parametrize("strategy", ["optuna-nsga2", "progressive"])
 def test_macro_search_runs_the_shared_strategies(digits, strategy: str) -> None:
-    from nasforge.supernet.macro_search import search_macro_subnets, select_macro_candidates
+    from nasforge.search.driver import search_subnets, select_candidates
 
     ev = _evaluator(digits)
-    records = search_macro_subnets(ev, strategy=strategy, trials=5, seed=1)
+    records = search_subnets(ev, strategy=strategy, trials=5, seed=1)
     assert len(records) == 5
     names = ev.objective_names()
     assert names == ["val_error", "params"]
-    chosen = select_macro_candidates(records, names, k=2)
+    chosen = select_candidates(records, names, k=2)
     assert 1 <= len(chosen) <= 2
     assert all(r["rank"] >= 0 for r in records)
     assert min(r["rank"] for r in chosen) == 0
     with pytest.raises(ConfigError):
-        search_macro_subnets(ev, strategy="no-such-strategy", trials=2, seed=0)
+        search_subnets(ev, strategy="no-such-strategy", trials=2, seed=0)
 
 
 def test_split_epochs_gives_every_phase_one_and_the_first_the_rest() -> None:
@@ -359,15 +403,18 @@ def test_load_macro_supernet_round_trips_and_rejects_bad_files(tmp_path) -> None
 
 @pytest.mark.slow
 def test_macro_search_stage_writes_pareto(digits_dir, tmp_path) -> None:
-    from nasforge.supernet.macro_search import macro_latency_predictor, run_macro_search
+    from nasforge.stages.search import run
     from tests.conftest import tiny_params
 
-    params = tiny_params(search={"supernet_epochs": 4, "trials": 5, "batch_size": 64})
+    # The whole macro space; latency measured on ONNX Runtime, batch 1, one thread.
+    params = tiny_params(
+        run={"threads": 1},
+        space={"kind": "macro"},
+        search={"supernet_epochs": 4, "trials": 5, "batch_size": 64, "latency_source": "measure"},
+        targets=["onnxruntime-cpu"],
+    )
 
-    def predictor(input_shape, num_classes):
-        return macro_latency_predictor(["onnxruntime-cpu"], input_shape, num_classes, threads=1)
-
-    result = run_macro_search(params, digits_dir, tmp_path / "search", predictor)
+    result = run(params, digits_dir, tmp_path / "search")
     pareto = json.loads((tmp_path / "search" / "pareto.json").read_text())
     assert pareto["space"] == "macro"
     assert pareto["objectives"] == ["val_error", "latency_ms[onnxruntime-cpu]", "memory_mb"]

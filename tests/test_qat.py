@@ -243,3 +243,25 @@ def test_fast_pattern_capture_restores_torchao() -> None:
         assert utils._get_aten_graph_module_for_pattern is qat._capture_pattern
         assert qat_utils._get_aten_graph_module_for_pattern is qat._capture_pattern
     assert utils._get_aten_graph_module_for_pattern is before
+
+
+def test_each_job_has_its_module_and_qat_reexports_them() -> None:
+    """Scheme, archive and pattern capture live in their own modules; the names other code and
+    older callers import from ``nasforge.compress.qat`` are those very objects."""
+    from nasforge.compress import pattern_capture, quant_archive, quant_scheme
+
+    homes = {
+        quant_scheme: ["VNNI_FLAGS", "QuantScheme", "RuntimeX86Quantizer", "cpu_flags",
+                       "detect_quant_scheme", "make_quantizer"],
+        quant_archive: ["MAX_BATCH", "load_quantized", "read_quantized_meta", "save_quantized",
+                        "to_exported_program"],
+        pattern_capture: ["fast_pattern_capture", "_capture_pattern"],
+    }  # fmt: skip
+    for module, names in homes.items():
+        for name in names:
+            assert getattr(qat, name) is getattr(module, name), name
+    assert set(qat.__all__) >= {n for names in homes.values() for n in names if n[0] != "_"}
+    assert all(hasattr(qat, name) for name in qat.__all__)
+    # the flow's own public functions stay in qat
+    for name in ("prepare_qat", "finetune_qat", "convert_qat", "quantize_qat", "ptq"):
+        assert getattr(qat, name).__module__ == "nasforge.compress.qat", name

@@ -8,6 +8,7 @@ import pytest
 
 from nasforge.config import params_from_dict
 from nasforge.errors import ConfigError
+from nasforge.search.driver import select_candidates
 from nasforge.search.objectives import (
     Constraint,
     budget_constraints,
@@ -17,7 +18,6 @@ from nasforge.search.objectives import (
     objective_columns,
     parse_constraint,
 )
-from nasforge.search.study import select_candidates
 
 TARGETS = ["onnxruntime-cpu", "openvino-cpu"]
 
@@ -173,9 +173,9 @@ def test_params_validate_search_settings():
 def test_subnet_metrics_of_a_real_cell_network():
     """Latency (ORT, INT8 as deployed), memory, size, energy with its source, params and MACs."""
     from nasforge.hardware.predictor import LatencyPredictor
-    from nasforge.hardware.spaces import CellBlockSpace
     from nasforge.search.subnet_metrics import SubnetMetrics, model_memory
     from nasforge.space.cell import CellNetworkShape, build_cell_network, count_parameters
+    from nasforge.space.cell_blocks import CellBlockSpace
     from nasforge.space.nb201 import CellSpec
 
     shape = CellNetworkShape(1, 10, channels=8, cells_per_stage=1)

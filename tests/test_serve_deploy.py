@@ -48,7 +48,7 @@ def test_triton_repository_parses_with_triton_schema(onnx_model, tmp_path):
         onnx_path,
         tmp_path / "repo",
         "cifar",
-        openvino_xml=xml,
+        runtime_files={"openvino": xml},
         max_batch_size=16,
         max_queue_delay_ms=2.5,
     )

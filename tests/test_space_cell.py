@@ -19,6 +19,14 @@ from nasforge.supernet.cell_supernet import LARGEST_SPEC, CellSupernet, recalibr
 SHAPE = CellNetworkShape(in_channels=1, num_classes=10, channels=8)
 
 
+def _describe_cell(params):
+    """A trial record's architecture fields, as the search stage writes them."""
+    from nasforge.space.registry import get_space
+
+    space = get_space("cell")(SHAPE, (8, 8))
+    return space.spec_record(space.spec_from_params(params))
+
+
 def test_forward_shape_and_largest_is_biggest():
     x = torch.randn(3, 1, 8, 8)
     big = build_cell_network(LARGEST_SPEC, SHAPE)
@@ -88,7 +96,7 @@ def test_is_connected():
 
 
 def test_candidates_exclude_inaccurate_subnets():
-    from nasforge.search.study import select_candidates
+    from nasforge.search.driver import select_candidates
 
     def rec(i, arch, err, lat):
         spec = CellSpec.from_arch_str(arch)
@@ -116,10 +124,10 @@ def test_the_search_never_evaluates_a_disconnected_cell(strategy):
     """Every strategy, over a cheap synthetic objective: no constant network is ever scored."""
     from optuna.distributions import CategoricalDistribution
 
-    from nasforge.search.study import run_study
+    from nasforge.search.driver import run_study
     from nasforge.space.cell import is_connected
+    from nasforge.space.cell_space import connected as _connected
     from nasforge.space.nb201 import OPS, PARAM_NAMES, search_space
-    from nasforge.stages.search import _connected, _describe_cell
 
     seen = []
 
@@ -155,8 +163,8 @@ def test_a_deterministic_strategy_stuck_on_a_disconnected_cell_is_repaired():
     from optuna.distributions import CategoricalDistribution
 
     from nasforge.search.base import INVALID_ATTR, REPAIRED_ATTR, ask_valid
+    from nasforge.space.cell_space import connected as _connected
     from nasforge.space.nb201 import OPS, PARAM_NAMES
-    from nasforge.stages.search import _connected
 
     class Stubborn(optuna.samplers.BaseSampler):
         """Always proposes the all-`none` cell (no input-to-output path)."""
@@ -172,7 +180,7 @@ def test_a_deterministic_strategy_stuck_on_a_disconnected_cell_is_repaired():
 
     study = optuna.create_study(sampler=Stubborn())
     dists = {n: CategoricalDistribution(list(OPS)) for n in PARAM_NAMES}
-    for k in range(5):
+    for _ in range(5):
         trial = ask_valid(study, dists, _connected, repair_after=3)
         assert _connected(trial.params) and trial.user_attrs[REPAIRED_ATTR] == 3
         study.tell(trial, 1.0)
@@ -187,9 +195,9 @@ def test_a_deterministic_strategy_stuck_on_a_disconnected_cell_is_repaired():
 def test_gaussian_process_search_finishes_on_the_cell_space():
     from optuna.distributions import CategoricalDistribution
 
-    from nasforge.search.study import run_study
+    from nasforge.search.driver import run_study
+    from nasforge.space.cell_space import connected as _connected
     from nasforge.space.nb201 import OPS, PARAM_NAMES, search_space
-    from nasforge.stages.search import _connected, _describe_cell
 
     def evaluate(p):
         convs = sum(p[n].startswith("nor_conv") for n in PARAM_NAMES)

@@ -335,9 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="runtime target, e.g. onnxruntime-cpu")
     p.add_argument(
         "--space",
-        default="cell",
-        choices=["cell", "macro"],
-        help="search space (macro reads only --input-shape/--num-classes)",
+        default=None,
+        help="search space, as space.kind in params (default: cell; built in: cell, macro; "
+        "macro reads only --input-shape/--num-classes and profiles its whole space)",
     )
     p.add_argument(
         "--input-shape", default="3,32,32", help="C,H,W of the network input (default: 3,32,32)"
@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         default=None,
-        help="fp32 or int8 (int8: every block and calibration network is quantized, PTQ QDQ, "
-        "before timing; default the target's precision)",
+        help="fp32 or int8 (int8: every block and calibration network is quantized as the "
+        "target's runtime deploys INT8 before timing; default the target's precision)",
     )
     p.add_argument("--out", type=Path, default=None, help="table JSON (default: the table cache)")
 
@@ -522,10 +522,10 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from nasforge.hardware.predictor import profile
-    from nasforge.hardware.spaces import get_space
+    from nasforge.config import params_from_dict
+    from nasforge.hardware.table_cache import profile
     from nasforge.hardware.targets import get_target
-    from nasforge.space.cell import CellNetworkShape
+    from nasforge.space.registry import DEFAULT_SPACE, get_space
 
     target = get_target(args.target)
     precision = args.precision
@@ -542,8 +542,11 @@ def _profile(args: argparse.Namespace) -> int:
         raise ConfigError(f"target '{target.name}' is a latency table; it cannot be profiled")
     target.check_available()
     c, h, w = _ints(args.input_shape, "--input-shape")
-    shape = CellNetworkShape(c, args.num_classes, args.channels, args.cells_per_stage)
-    space = get_space(args.space, shape=shape, resolution=(h, w))
+    kind = args.space or DEFAULT_SPACE
+    space_type = get_space(kind)
+    settings = {"kind": kind, "channels": args.channels, "cells_per_stage": args.cells_per_stage}
+    space_params = params_from_dict({"space": settings}, "nasforge profile").space
+    space = space_type.from_params(space_params, (c, h, w), args.num_classes).block_space()
     table, path = profile(
         target,
         space,
@@ -555,7 +558,7 @@ def _profile(args: argparse.Namespace) -> int:
         calibration_networks=args.calibration_networks,
         precision=precision,
     )
-    print(f"{table.precision} latency table for {target.name} / {args.space}: {path}")
+    print(f"{table.precision} latency table for {target.name} / {kind}: {path}")
     return 0
 
 
@@ -604,7 +607,10 @@ def _targets(args: argparse.Namespace) -> int:
     for name in list_targets(args.table):
         t = get_target(name, table=args.table) if name.startswith("table:") else get_target(name)
         problem = t.availability_problem()
-        print(f"{name:28s} {'available' if problem is None else 'not available: ' + problem}")
+        precision = t.precision if t.kind == "runtime" else "-"  # a table: as its CSV measured
+        where = f"{t.runtime:12s} {t.device:14s} {precision:5s}"
+        state = "available" if problem is None else f"not available: {problem}"
+        print(f"{name:30s} {where} {state}")
     return 0
 
 

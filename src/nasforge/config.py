@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nasforge.errors import ConfigError
+from nasforge.space.registry import DEFAULT_SPACE
 
 
 class _Section(BaseModel):
@@ -84,16 +85,30 @@ class MacroSpaceParams(_Section):
 
 
 class SpaceParams(_Section):
-    """Search space: the NAS-Bench-201-style cell network or the macro elastic MobileNet space."""
+    """Search space: a space of :mod:`nasforge.space.registry` and the settings of each.
 
-    kind: Literal["cell", "macro"] = Field(
-        "cell",
-        description="'cell': NB201 cells (channels, cells_per_stage); "
-        "'macro': MobileNetV2/Once-for-All elastic space (the 'macro' section)",
+    Built in: cell (NAS-Bench-201 cells; ``channels``, ``cells_per_stage``) and macro (the
+    MobileNetV2 / Once-for-All elastic space; the ``macro`` section).
+    """
+
+    kind: str = Field(
+        DEFAULT_SPACE,
+        description="the search space (nasforge.space.registry): cell (NB201 cells: channels, "
+        "cells_per_stage) or macro (MobileNetV2/Once-for-All elastic space: the macro section)",
     )
     channels: int = Field(16, ge=2, description="cell space: channels of the first stage")
     cells_per_stage: int = Field(1, ge=1, description="cell space: cells per stage")
     macro: MacroSpaceParams = MacroSpaceParams()
+
+    @field_validator("kind")
+    @classmethod
+    def _known_space(cls, v: str) -> str:
+        from nasforge.space.registry import space_names
+
+        known = space_names()
+        if v not in known:
+            raise ValueError(f"unknown search space {v!r}; known: {', '.join(known)}")
+        return v
 
 
 class SearchParams(_Section):

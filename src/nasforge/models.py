@@ -1,13 +1,14 @@
 """The model artifact passed between stages: ``model.json`` + ``weights.safetensors``.
 
 ``model.json`` holds the architecture, the dataset's input shape and normalisation, and the
-history of every stage that touched the model. The architecture is ``space`` (``"cell"``, the
-default for files written before the field existed, or ``"macro"``), ``arch_str`` (the NB201
-string of a cell; a readable name of a macro spec) and ``shape`` (the cell network shape; for a
-macro model ``in_channels`` and ``num_classes``); a macro model also stores its
-:class:`~nasforge.space.macro.MacroSpec` as ``spec``. Weights are
-safetensors (never pickle). A pruned model keeps its unpruned architecture description; its
-smaller layers are restored from the weight shapes (``nasforge.compress.prune``).
+history of every stage that touched the model. The architecture is ``space`` (the name of a
+search space of :mod:`nasforge.space.registry`; files written before the field existed are cell
+models) plus the fields that space writes (:meth:`nasforge.space.base.SearchSpace.model_fields`:
+always ``arch_str``, the space's readable name of the architecture, and ``shape``; e.g. the
+NB201 string and network shape of a cell, or a macro model's
+:class:`~nasforge.space.macro.MacroSpec` as ``spec``). Weights are safetensors (never pickle). A
+pruned model keeps its unpruned architecture description; its smaller layers are restored from
+the weight shapes (``nasforge.compress.prune``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ from safetensors.torch import load_file
 
 from nasforge.atomic import save_safetensors
 from nasforge.errors import ConfigError, ModelFileError
-from nasforge.space.cell import CellNetworkShape, build_cell_network
-from nasforge.space.macro import MacroSpec, build_macro_network
-from nasforge.space.nb201 import CellSpec
+from nasforge.space.registry import DEFAULT_SPACE, get_space, space_names, space_of
 
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.safetensors"
@@ -53,11 +52,15 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise ModelFileError(f"corrupt {f}: {err}") from None
     if not isinstance(meta, dict) or "arch_str" not in meta or "shape" not in meta:
         raise ModelFileError(f"{f} lacks arch_str/shape")
-    space = meta.get("space", "cell")
-    if space not in ("cell", "macro"):
-        raise ModelFileError(f"{f}: unknown search space {space!r} (expected 'cell' or 'macro')")
-    if space == "macro" and "spec" not in meta:
-        raise ModelFileError(f"{f}: a macro model needs its spec")
+    space = meta.get("space", DEFAULT_SPACE)
+    known = space_names()
+    if space not in known:
+        raise ModelFileError(
+            f"{f}: unknown search space {space!r} (expected one of {', '.join(known)})"
+        )
+    problem = get_space(space).model_problem(meta)
+    if problem:
+        raise ModelFileError(f"{f}: {problem}")
     return meta
 
 
@@ -68,13 +71,7 @@ def build_network(meta: dict[str, Any]) -> torch.nn.Module:
         ModelFileError: The architecture fields are malformed.
     """
     try:
-        if meta.get("space", "cell") == "macro":
-            shape = meta["shape"]
-            spec = MacroSpec.from_json(json.dumps(meta["spec"]))
-            return build_macro_network(spec, int(shape["in_channels"]), int(shape["num_classes"]))
-        return build_cell_network(
-            CellSpec.from_arch_str(meta["arch_str"]), CellNetworkShape(**meta["shape"])
-        )
+        return space_of(meta).network_from_model(meta)
     except (ConfigError, KeyError, TypeError, ValueError) as err:
         raise ModelFileError(f"bad architecture in {MODEL_JSON}: {err}") from None
 

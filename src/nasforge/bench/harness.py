@@ -3,17 +3,17 @@
 Used by the benchmark stage, by latency-table profiling and by the latency-predictor benchmark, so
 every latency in nasforge is measured the same way:
 
-* one inference session per runtime with the thread count fixed (ONNX Runtime
-  ``intra_op_num_threads``; OpenVINO ``INFERENCE_NUM_THREADS`` with ``PERFORMANCE_HINT=LATENCY``);
-* OpenVINO pinned to ``INFERENCE_PRECISION_HINT=f32`` (CPUs with BF16/FP16 otherwise silently run
-  reduced precision) and the precision it really executed read back from the compiled model;
+* one inference session per model, built by the target's runtime (:mod:`nasforge.runtimes`:
+  ONNX Runtime ``intra_op_num_threads``; OpenVINO ``INFERENCE_NUM_THREADS`` with
+  ``PERFORMANCE_HINT=LATENCY`` and pinned to ``INFERENCE_PRECISION_HINT=f32``; ExecuTorch's
+  XNNPACK thread pool) with the thread count fixed, and the precision it really executed;
 * ``warmup`` untimed runs, then ``repeats`` individually timed runs on a fixed random input;
   p50/p90/p99/mean and throughput from those;
 * peak resident memory measured with the kernel's high-water mark (``VmHWM``, reset before the
   session is built), plus the session's own increment over the RSS before it was built.
 
-GPU runtimes (``onnxruntime-cuda``, ``tensorrt-gpu``) go through ONNX Runtime's CUDA / TensorRT
-execution providers; they need ``onnxruntime-gpu`` and an NVIDIA GPU.
+Nothing here depends on which runtime a target names: sessions, file checks and precision come
+from the runtime registry.
 """
 
 from __future__ import annotations
@@ -21,35 +21,17 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from nasforge import progress
 from nasforge.bench.sysinfo import physical_cores, system_info
-from nasforge.errors import ModelFileError, TargetError
-
-if TYPE_CHECKING:
-    from nasforge.hardware.targets import Target
-
-_ORT_PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
-# OpenVINO runtime-model layer types that only move or hold data: left out of "executed precision".
-_OV_NON_COMPUTE = {"Input", "Output", "Const", "Reorder", "Reshape", "Parameter", "Result"}
-_ONNX_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(uint8)": np.uint8,
-    "tensor(int8)": np.int8,
-}
+from nasforge.errors import TargetError
+from nasforge.hardware.targets import Target, get_target
+from nasforge.runtimes.base import Session
+from nasforge.runtimes.registry import check_model_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,14 +51,14 @@ class LatencyResult:
             the compute layers of the compiled model, most frequent first (e.g. ``"f32"``,
             ``"u8+i8+f32"``; an IR saved with FP16-compressed weights reports ``"f16"`` on the
             layers reading them), for ONNX
-            Runtime ``"fp32"`` or ``"int8+fp32"`` (QDQ kernels).
+            Runtime and ExecuTorch ``"fp32"`` or ``"int8+fp32"`` (quantized kernels).
         peak_rss_bytes: Process resident-memory high-water mark while the session was built and
             run (includes the Python interpreter and runtime libraries).
         session_rss_bytes: Peak RSS minus RSS just before the session was built: the memory the
             session itself needed.
-        runtime: ``"onnxruntime"`` or ``"openvino"``.
+        runtime: The runtime's name (``"onnxruntime"``, ``"openvino"``, ``"executorch"`` ...).
         runtime_version: Version of that runtime.
-        device: ``"cpu"``, ``"cuda"`` or ``"tensorrt"``.
+        device: ``"cpu"`` or ``"cuda"``.
         threads: Threads the runtime was given.
         input_shape: Input shape including the batch dimension.
         warmup: Untimed warm-up runs.
@@ -163,196 +145,6 @@ class _PeakRss:
 # sessions
 
 
-def _check_model_file(model_path: Path) -> None:
-    if not model_path.is_file():
-        raise ModelFileError(f"model file not found: {model_path}")
-    if model_path.stat().st_size == 0:
-        raise ModelFileError(f"model file is empty: {model_path}")
-    if model_path.suffix == ".xml" and not model_path.with_suffix(".bin").is_file():
-        raise ModelFileError(f"OpenVINO IR {model_path} has no weights file {model_path.stem}.bin")
-
-
-def _onnx_is_quantized(model_path: Path) -> bool:
-    """True if an ONNX graph holds quantization ops (QDQ or QLinear*)."""
-    import onnx
-
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError / various on corrupt files
-        raise ModelFileError(f"cannot read ONNX model {model_path}: {_first_line(e)}") from e
-    ops = {n.op_type for n in model.graph.node}
-    return bool(ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"})
-
-
-def _first_line(e: BaseException) -> str:
-    """The informative first line of a runtime's (often multi-line) error message."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    # OpenVINO prefixes messages with source locations ("Exception from src/...:84:").
-    useful = [ln for ln in lines if not ln.startswith(("Exception from ", "Check '"))]
-    text = (useful or lines or [type(e).__name__])[0]
-    return text[:300]
-
-
-@dataclasses.dataclass
-class Session:
-    """A ready-to-run inference session on one runtime with a fixed input shape.
-
-    Attributes:
-        run: Call with a batch (numpy, shape ``input_shape``) and get the first output.
-        input_shape: Full input shape including batch.
-        input_dtype: Numpy dtype of the input.
-        precision: ``"fp32"`` or ``"int8"`` (from the graph).
-        executed_precision: What the runtime executes (see :class:`LatencyResult`).
-        runtime: ``"onnxruntime"`` or ``"openvino"``.
-        runtime_version: Version string.
-    """
-
-    run: Callable[[np.ndarray], np.ndarray]
-    input_shape: tuple[int, ...]
-    input_dtype: Any
-    precision: str
-    executed_precision: str
-    runtime: str
-    runtime_version: str
-
-
-def _resolve_shape(
-    model_shape: list[Any], batch_size: int, input_shape: tuple[int, ...] | None, path: Path
-) -> tuple[int, ...]:
-    """Full static input shape from the model's (possibly symbolic) shape and the request."""
-    if input_shape is not None:
-        shape = (batch_size, *(int(d) for d in input_shape))
-        if len(model_shape) and len(model_shape) != len(shape):
-            raise ModelFileError(
-                f"{path}: model input has rank {len(model_shape)}, requested shape {shape}"
-            )
-        return shape
-    rest = model_shape[1:]
-    if any(not isinstance(d, int) or d <= 0 for d in rest):
-        raise ModelFileError(
-            f"{path}: input shape {model_shape} is not static beyond the batch dimension; "
-            "pass input_shape"
-        )
-    return (batch_size, *rest)
-
-
-def _ort_session(
-    model_path: Path,
-    device: str,
-    batch_size: int,
-    input_shape: tuple[int, ...] | None,
-    threads: int,
-) -> Session:
-    import onnxruntime as ort
-
-    if model_path.suffix == ".xml":
-        raise ModelFileError(f"ONNX Runtime cannot read OpenVINO IR {model_path}; pass the .onnx")
-    quantized = _onnx_is_quantized(model_path)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    providers = _ORT_PROVIDERS[device]
-    if providers[0] not in ort.get_available_providers():
-        raise TargetError(
-            f"ONNX Runtime here has no {providers[0]} (install onnxruntime-gpu on an NVIDIA host)"
-        )
-    try:
-        sess = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
-    except Exception as e:  # ORT raises InvalidProtobuf / Fail / InvalidGraph
-        raise ModelFileError(f"cannot load {model_path} in ONNX Runtime: {_first_line(e)}") from e
-    inp = sess.get_inputs()[0]
-    model_shape = list(inp.shape)
-    shape = _resolve_shape(model_shape, batch_size, input_shape, model_path)
-    if model_shape and isinstance(model_shape[0], int) and model_shape[0] != batch_size:
-        raise ModelFileError(
-            f"{model_path}: batch dimension is fixed to {model_shape[0]}; export it with a "
-            f"dynamic batch to run batch {batch_size}"
-        )
-    name = inp.name
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return sess.run(None, {name: x})[0]
-
-    return Session(
-        run=run,
-        input_shape=shape,
-        input_dtype=_ONNX_DTYPES.get(inp.type, np.float32),
-        precision="int8" if quantized else "fp32",
-        executed_precision="int8+fp32" if quantized else "fp32",
-        runtime="onnxruntime",
-        runtime_version=ort.__version__,
-    )
-
-
-def _ov_executed_precision(compiled: Any) -> str:
-    """Element types the compiled OpenVINO model's compute layers really run in."""
-    counts: dict[str, int] = {}
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        info = op.get_rt_info()
-        if "runtimePrecision" not in info or "layerType" not in info:
-            continue
-        if info["layerType"].astype(str) in _OV_NON_COMPUTE:
-            continue
-        prec = info["runtimePrecision"].astype(str)
-        counts[prec] = counts.get(prec, 0) + 1
-    if not counts:
-        return str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-    return "+".join(p for p, _ in sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
-def _ov_session(
-    model_path: Path, batch_size: int, input_shape: tuple[int, ...] | None, threads: int
-) -> Session:
-    import openvino as ov
-
-    # Parse ONNX with onnx first: a clean error for corrupt files, and OpenVINO does not then
-    # probe every frontend (the TF frontend logs parse errors to stderr).
-    onnx_quantized = model_path.suffix == ".onnx" and _onnx_is_quantized(model_path)
-    core = ov.Core()
-    try:
-        model = core.read_model(str(model_path))
-    except Exception as e:  # OpenVINO raises RuntimeError with a multi-line message
-        raise ModelFileError(f"cannot load {model_path} in OpenVINO: {_first_line(e)}") from e
-    quantized = onnx_quantized or any(
-        op.get_type_name() == "FakeQuantize" for op in model.get_ops()
-    )
-    port = model.inputs[0]
-    pshape = port.get_partial_shape()
-    model_shape = [d.get_length() if d.is_static else -1 for d in pshape]
-    shape = _resolve_shape(model_shape, batch_size, input_shape, model_path)
-    # A static shape lets the CPU plugin pick its best kernels; what we time is what we deploy.
-    model.reshape({port: ov.PartialShape(list(shape))})
-    config = {
-        "INFERENCE_PRECISION_HINT": "f32",
-        "INFERENCE_NUM_THREADS": threads,
-        "PERFORMANCE_HINT": "LATENCY",
-        "NUM_STREAMS": 1,
-    }
-    try:
-        compiled = core.compile_model(model, "CPU", config)
-    except Exception as e:
-        raise ModelFileError(f"OpenVINO cannot compile {model_path}: {_first_line(e)}") from e
-    request = compiled.create_infer_request()
-    dtype = port.get_element_type().to_dtype()
-
-    def run(x: np.ndarray) -> np.ndarray:
-        request.infer({0: x}, share_inputs=True)
-        return request.get_output_tensor(0).data.copy()
-
-    return Session(
-        run=run,
-        input_shape=shape,
-        input_dtype=dtype,
-        precision="int8" if quantized else "fp32",
-        executed_precision=_ov_executed_precision(compiled),
-        runtime="openvino",
-        runtime_version=ov.__version__,
-    )
-
-
 def open_session(
     model_path: Path | str,
     target: Target | str,
@@ -363,7 +155,8 @@ def open_session(
     """Build an inference session for a model on a runtime target.
 
     Args:
-        model_path: ``.onnx`` (both runtimes) or OpenVINO IR ``.xml`` (OpenVINO only).
+        model_path: A file of the target's runtime (``.onnx``; OpenVINO also ``.xml``;
+            ExecuTorch ``.pte``).
         target: A runtime target or its name (see :mod:`nasforge.hardware.targets`).
         batch_size: Batch size the session is built for.
         input_shape: Input shape without batch; read from the model if omitted.
@@ -376,21 +169,15 @@ def open_session(
         ModelFileError: Missing, corrupt or incompatible model file.
         TargetError: Unknown target, table target, or target not available here.
     """
-    from nasforge.hardware.targets import get_target
-
     tgt = get_target(target) if isinstance(target, str) else target
     if tgt.kind != "runtime":
         raise TargetError(f"target '{tgt.name}' is a latency table; it cannot run models")
     tgt.check_available()
+    runtime = tgt.backend
     model_path = Path(model_path)
-    _check_model_file(model_path)
+    check_model_file(runtime, model_path)
     threads = int(threads) if threads else physical_cores()
-    if tgt.runtime == "openvino":
-        sess = _ov_session(model_path, batch_size, input_shape, threads)
-    elif tgt.runtime == "onnxruntime":
-        sess = _ort_session(model_path, tgt.device, batch_size, input_shape, threads)
-    else:
-        raise TargetError(f"target '{tgt.name}': unsupported runtime '{tgt.runtime}'")
+    sess = runtime.open_session(model_path, tgt.device, batch_size, input_shape, threads)
     if tgt.precision == "int8" and sess.precision != "int8":
         raise TargetError(
             f"target '{tgt.name}' runs INT8 models; {model_path} has no quantization nodes "
@@ -450,7 +237,7 @@ def measure(
     """Time a model on a runtime target.
 
     Args:
-        model_path: ``.onnx`` or OpenVINO ``.xml`` file.
+        model_path: A file of the target's runtime (``.onnx``, OpenVINO ``.xml``, ``.pte``).
         target: Runtime target or its name, e.g. ``"onnxruntime-cpu"``, ``"openvino-cpu"``.
         batch_size: Samples per inference.
         input_shape: Input shape without batch (e.g. ``(1, 8, 8)``); read from the model if omitted.
@@ -465,8 +252,6 @@ def measure(
         ModelFileError: Missing, corrupt or incompatible model file.
         TargetError: Unknown target, table target, or target not available here.
     """
-    from nasforge.hardware.targets import get_target
-
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise ValueError("batch_size and repeats must be >= 1 and warmup >= 0")
     tgt = get_target(target) if isinstance(target, str) else target
@@ -512,7 +297,7 @@ def predict(
     ``batch_size`` (the session has a static shape) and the padding rows are dropped.
 
     Args:
-        model_path: ``.onnx`` or OpenVINO ``.xml`` file.
+        model_path: A file of the target's runtime.
         target: Runtime target or its name.
         x: Inputs, shape ``(N, *input_shape)``.
         batch_size: Samples per inference.

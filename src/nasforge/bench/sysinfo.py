@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nasforge.runtimes.registry import versions as runtime_versions
+
 # The flags that change what a runtime executes or how fast; the full list is long and noisy.
 RELEVANT_ISA_FLAGS: tuple[str, ...] = (
     "sse4_2",
@@ -96,10 +98,9 @@ def _static_info() -> dict[str, Any]:
         "physical_cores": physical_cores(),
         "versions": {
             "python": platform.python_version(),
-            "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
-            "openvino": _version("openvino"),
+            # every registered runtime's own version (None when it is not installed)
+            **{name: version or None for name, version in runtime_versions().items()},
             "torch": _version("torch"),
-            "tensorrt": _version("tensorrt"),
             "numpy": _version("numpy"),
         },
         "os": f"{platform.system()} {platform.release()}",
@@ -117,7 +118,7 @@ def system_info(threads: int | None = None) -> dict[str, Any]:
     Returns:
         A JSON-serialisable dict with ``cpu_model``, ``isa_flags`` (relevant subset), ``has_vnni``,
         ``has_amx``, ``logical_cores``, ``physical_cores``, ``threads``, ``versions`` (python,
-        onnxruntime, openvino, torch, tensorrt, numpy), ``os``, ``machine`` and ``load_avg_1m``
+        every runtime of :mod:`nasforge.runtimes`, torch, numpy), ``os``, ``machine`` and ``load_avg_1m``
         (the 1-minute load average when measured, to flag a contended machine).
     """
     info = dict(_static_info())

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nasforge.hardware.targets import GPU_DEVICES
+
 POWERCAP = Path("/sys/class/powercap")
 
 DEVICE_POWER_W: dict[str, float] = {
@@ -113,14 +115,14 @@ def _nvml_handle() -> Any | None:
 
 def meter_for(device: str) -> str | None:
     """The energy meter available for a target device here: ``"rapl"``, ``"nvml"`` or None."""
-    if device in ("cuda", "tensorrt"):
+    if device in GPU_DEVICES:
         return "nvml" if _nvml_handle() is not None else None
     return "rapl" if rapl_domains() else None
 
 
 def estimated_power_w(device: str, threads: int) -> tuple[float, str]:
     """Assumed power of a device and the formula, for estimates."""
-    if device in ("cuda", "tensorrt"):
+    if device in GPU_DEVICES:
         w = float(os.environ.get("NASFORGE_GPU_WATTS", DEVICE_POWER_W["gpu"]))
         return w, f"estimated: {w:g} W GPU x latency"
     per_core = float(os.environ.get("NASFORGE_CPU_WATTS_PER_CORE", DEVICE_POWER_W["cpu_per_core"]))
@@ -146,7 +148,7 @@ def measure_energy(
 
     Args:
         run: One inference (already warmed up).
-        device: ``"cpu"``, ``"cuda"`` or ``"tensorrt"``.
+        device: ``"cpu"`` or ``"cuda"``.
         batch_size: Samples per call.
         latency_ms: Measured latency, used for the estimate when there is no meter.
         threads: Threads used (for the estimate).

@@ -1,10 +1,13 @@
-"""Hardware targets: where a model runs, or a table of latencies measured elsewhere.
+"""Hardware targets: data naming where a model runs, or a table of latencies measured elsewhere.
 
-A target names a runtime, a device and a precision. Two kinds exist:
+A :class:`Target` is a name, a runtime, a device, a precision and runtime options; what it can
+do comes from its runtime (:mod:`nasforge.runtimes`). Two kinds exist:
 
 * ``runtime`` targets run models here through the measurement harness
-  (:func:`nasforge.bench.harness.measure`): ``onnxruntime-cpu``, ``onnxruntime-cpu-int8``,
-  ``openvino-cpu`` (FP32 pinned), ``openvino-cpu-int8``, ``onnxruntime-cuda`` and
+  (:func:`nasforge.bench.harness.measure`). Each runtime module declares its targets
+  (:attr:`nasforge.runtimes.base.Runtime.targets`): ``onnxruntime-cpu``,
+  ``onnxruntime-cpu-int8``, ``openvino-cpu`` (FP32 pinned), ``openvino-cpu-int8``,
+  ``executorch-xnnpack-cpu``, ``executorch-xnnpack-cpu-int8``, ``onnxruntime-cuda`` and
   ``tensorrt-gpu`` (the last two only where an NVIDIA GPU and ``onnxruntime-gpu`` are present;
   elsewhere :meth:`Target.check_available` raises a one-line :class:`TargetError`).
 * ``table`` targets, named ``table:<column>``, read latencies per architecture from an
@@ -14,36 +17,36 @@ A target names a runtime, a device and a precision. Two kinds exist:
   ``NASFORGE_LATENCY_CSV``, else ``<shared data>/nb201/nb201_dev.csv`` (shared data is
   ``NASFORGE_SHARED_DATA``, default ``<repo>/../shared/data``).
 
-Search uses one interface for both kinds: ``target.predict_latency_ms(spec_or_model)``.
+Latency for search comes through one interface for both kinds, the latency models of
+:mod:`nasforge.hardware.latency`.
 
 Adding a target:
 
 * A device known only from measurements: add a column ``<device>_latency_ms`` (one row per
   ``arch_str``) to a CSV and use ``table:<device>_latency_ms`` with that CSV. No code.
-* A new runtime or device: one class deriving from :class:`RuntimeTarget` (or :class:`Target`),
-  registered with :func:`register_target`::
-
-      @register_target
-      class MyNpuTarget(RuntimeTarget):
-          name = "my-npu"
-          runtime = "onnxruntime"
-          device = "cpu"
-          precision = "int8"
+* Another device or precision of an existing runtime: register the data,
+  ``register_target(Target("my-cpu-int8", "onnxruntime", "cpu", "int8"))``.
+* A new runtime: one module in :mod:`nasforge.runtimes` (its targets come with it).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import os
-import shutil
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from nasforge.errors import TargetError
+from nasforge.runtimes.base import TABLE, Runtime
+from nasforge.runtimes.registry import get_runtime, list_runtimes
 
-_REGISTRY: dict[str, Callable[..., Target]] = {}
+#: Devices of targets that need a GPU node.
+GPU_DEVICES = ("cuda",)
+
+_REGISTRY: dict[str, Target] = {}
 
 
 def shared_data_dir() -> Path:
@@ -60,28 +63,54 @@ def default_table_csv() -> Path:
     return Path(env) if env else shared_data_dir() / "nb201" / "nb201_dev.csv"
 
 
+@dataclasses.dataclass(frozen=True)
 class Target:
-    """Base class of all targets.
+    """Where a model runs: data, resolved through the runtime registry.
 
     Attributes:
         name: Registry name, e.g. ``"openvino-cpu"`` or ``"table:raspi4_latency_ms"``.
-        runtime: ``"onnxruntime"``, ``"openvino"`` or ``"table"``.
-        device: ``"cpu"``, ``"cuda"``, ``"tensorrt"`` or, for tables, the CSV column's device.
+        runtime: A registered runtime's name (``"onnxruntime"``, ``"openvino"``,
+            ``"executorch"``, ``"tensorrt"``) or ``"table"``.
+        device: ``"cpu"``, ``"cuda"`` or, for tables, the CSV column's device.
         precision: ``"fp32"`` or ``"int8"``.
-        kind: ``"runtime"`` (runs models here) or ``"table"`` (looks latencies up).
+        options: Runtime options (for tables: the CSV ``table`` and its ``column``).
     """
 
-    name: ClassVar[str] = ""
-    runtime: ClassVar[str] = ""
-    device: ClassVar[str] = "cpu"
-    precision: ClassVar[str] = "fp32"
-    kind: ClassVar[str] = "runtime"
-    # The runtime compiles static shapes and folds input-independent computation (OpenVINO).
-    folds_constants: ClassVar[bool] = False
+    name: str
+    runtime: str
+    device: str = "cpu"
+    precision: str = "fp32"
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    @property
+    def kind(self) -> str:
+        """``"runtime"`` (runs models here) or ``"table"`` (looks latencies up)."""
+        return "table" if self.runtime == TABLE else "runtime"
+
+    @property
+    def backend(self) -> Runtime:
+        """The runtime that runs this target's models.
+
+        Raises:
+            TargetError: A table target (runs nothing) or an unknown runtime.
+        """
+        if self.kind == "table":
+            raise TargetError(f"target '{self.name}' is a latency table; it cannot run models")
+        return get_runtime(self.runtime)
+
+    @property
+    def folds_constants(self) -> bool:
+        """The runtime folds input-independent computation (latency-table block counting)."""
+        return self.kind == "runtime" and self.backend.folds_constants
+
+    @property
+    def needs_gpu(self) -> bool:
+        """Its models run on a GPU (benchmarked on a GPU node)."""
+        return self.kind == "runtime" and self.device in GPU_DEVICES
 
     def availability_problem(self) -> str | None:
         """Why this target cannot be used here, or ``None`` if it can."""
-        return None
+        return self.backend.availability_problem(self.device)
 
     def is_available(self) -> bool:
         """True if this target can be used on this machine."""
@@ -92,18 +121,6 @@ class Target:
         problem = self.availability_problem()
         if problem:
             raise TargetError(f"target '{self.name}' is not available here: {problem}")
-
-    def measure(self, model_path: Path | str, batch_size: int = 1, **kwargs: Any) -> Any:
-        """Time a model file on this target (runtime targets only); see harness ``measure``."""
-        raise TargetError(f"target '{self.name}' is a latency table; it cannot run models")
-
-    def lookup(self, arch_str: str) -> float:
-        """Latency in ms of an architecture from the target's table (table targets only)."""
-        raise TargetError(f"target '{self.name}' has no latency table; use measure or a predictor")
-
-    def predict_latency_ms(self, spec_or_model: Any, **kwargs: Any) -> float:
-        """Latency in ms of a subnet on this target, for search; see subclasses."""
-        raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable description of the target."""
@@ -118,105 +135,6 @@ class Target:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
-
-
-# --------------------------------------------------------------------------------------------
-# runtime targets
-
-
-def _has_nvidia_gpu() -> bool:
-    if Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir():
-        return True
-    return shutil.which("nvidia-smi") is not None and Path("/dev/nvidiactl").exists()
-
-
-def _ort_providers() -> list[str]:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return []
-    return list(ort.get_available_providers())
-
-
-class RuntimeTarget(Target):
-    """A target that runs models here through :mod:`nasforge.bench.harness`."""
-
-    kind: ClassVar[str] = "runtime"
-
-    def measure(self, model_path: Path | str, batch_size: int = 1, **kwargs: Any) -> Any:
-        """Time a model file; arguments as :func:`nasforge.bench.harness.measure`."""
-        from nasforge.bench.harness import measure
-
-        return measure(model_path, self, batch_size, **kwargs)
-
-    def predict_latency_ms(self, spec_or_model: Any, **kwargs: Any) -> float:
-        """Predicted latency (ms) of a subnet from this target's profiled latency table.
-
-        Args:
-            spec_or_model: A ``CellSpec`` (needs ``net=`` the network config) or a torch module.
-            **kwargs: Passed to :func:`nasforge.hardware.predictor.predict_latency_ms`
-                (``batch_size``, ``net``, ``table``, ``threads`` ...).
-        """
-        from nasforge.hardware.predictor import predict_latency_ms
-
-        return predict_latency_ms(self, spec_or_model, **kwargs)
-
-
-class _OrtCpu(RuntimeTarget):
-    name = "onnxruntime-cpu"
-    runtime = "onnxruntime"
-    device = "cpu"
-
-    def availability_problem(self) -> str | None:
-        return None if "CPUExecutionProvider" in _ort_providers() else "onnxruntime not installed"
-
-
-class _OrtCpuInt8(_OrtCpu):
-    name = "onnxruntime-cpu-int8"
-    precision = "int8"
-
-
-class _OpenVinoCpu(RuntimeTarget):
-    name = "openvino-cpu"
-    runtime = "openvino"
-    device = "cpu"
-    folds_constants = True
-
-    def availability_problem(self) -> str | None:
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
-            return "openvino not installed (pip install 'nasforge[openvino]')"
-        return None
-
-
-class _OpenVinoCpuInt8(_OpenVinoCpu):
-    name = "openvino-cpu-int8"
-    precision = "int8"
-
-
-class _OrtCuda(RuntimeTarget):
-    name = "onnxruntime-cuda"
-    runtime = "onnxruntime"
-    device = "cuda"
-
-    def availability_problem(self) -> str | None:
-        if not _has_nvidia_gpu():
-            return "no NVIDIA GPU found"
-        if "CUDAExecutionProvider" not in _ort_providers():
-            return "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
-        return None
-
-
-class _TensorRtGpu(RuntimeTarget):
-    name = "tensorrt-gpu"
-    runtime = "onnxruntime"  # ONNX Runtime's TensorRT execution provider builds the engine
-    device = "tensorrt"
-
-    def availability_problem(self) -> str | None:
-        if not _has_nvidia_gpu() or "TensorrtExecutionProvider" not in _ort_providers():
-            return "no NVIDIA GPU / TensorRT found"
-        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,6 +153,7 @@ def _read_table(path: Path, mtime_ns: int) -> tuple[list[str], dict[str, dict[st
     return columns, rows
 
 
+@dataclasses.dataclass(frozen=True, repr=False)
 class TableTarget(Target):
     """Latencies of a device we cannot run on, from one column of an NB201-style CSV.
 
@@ -242,21 +161,22 @@ class TableTarget(Target):
     NB201 CIFAR network, C=16, N=5); the network config of the search does not change them.
     """
 
-    runtime: ClassVar[str] = "table"
-    kind: ClassVar[str] = "table"
-
-    def __init__(self, column: str, table: Path | str | None = None) -> None:
-        self.column = column
-        self.table = Path(table) if table else default_table_csv()
-        self._name = f"table:{column}"
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return self._name
+    @classmethod
+    def for_column(cls, column: str, table: Path | str | None = None) -> TableTarget:
+        """The target of ``column`` in ``table`` (default :func:`default_table_csv`)."""
+        path = Path(table) if table else default_table_csv()
+        device = column.removesuffix("_ms").removesuffix("_latency")
+        return cls(f"table:{column}", TABLE, device, "fp32", {"table": path, "column": column})
 
     @property
-    def device(self) -> str:  # type: ignore[override]
-        return self.column.removesuffix("_ms").removesuffix("_latency")
+    def table(self) -> Path:
+        """The CSV."""
+        return Path(self.options["table"])
+
+    @property
+    def column(self) -> str:
+        """The latency column."""
+        return str(self.options["column"])
 
     def _rows(self) -> dict[str, dict[str, str]]:
         if not self.table.is_file():
@@ -299,19 +219,6 @@ class TableTarget(Target):
                 f"target '{self.name}': no latency for {arch_str!r} in {self.table}"
             ) from None
 
-    def predict_latency_ms(self, spec_or_model: Any, **kwargs: Any) -> float:
-        """Look the architecture up; ``spec_or_model`` has ``.arch_str`` or is the string."""
-        arch = (
-            spec_or_model
-            if isinstance(spec_or_model, str)
-            else getattr(spec_or_model, "arch_str", None)
-        )
-        if arch is None:
-            raise TargetError(
-                f"target '{self.name}' looks latencies up by NB201 arch_str; got {type(spec_or_model).__name__}"
-            )
-        return self.lookup(arch)
-
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d["table"] = str(self.table)
@@ -323,22 +230,47 @@ class TableTarget(Target):
 # registry
 
 
-def register_target(cls: type[Target]) -> type[Target]:
-    """Class decorator: make a target class available under its ``name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    _REGISTRY[cls.name] = cls
-    return cls
+def register_target(target: Target) -> Target:
+    """Make a target available under its name (its runtime must be registered).
+
+    Raises:
+        TargetError: Unknown runtime.
+        ValueError: The target has no name.
+    """
+    if not target.name:
+        raise ValueError(f"{target!r} has no name")
+    get_runtime(target.runtime)  # one-line error for an unknown runtime
+    _REGISTRY[target.name] = target
+    return target
 
 
-for _cls in (_OrtCpu, _OrtCpuInt8, _OpenVinoCpu, _OpenVinoCpuInt8, _OrtCuda, _TensorRtGpu):
-    register_target(_cls)
+def _registered() -> dict[str, Target]:
+    """Targets declared by the runtimes, then those registered with :func:`register_target`."""
+    out = {
+        name: Target(name, rt.name, device, precision)
+        for rt in list_runtimes()
+        for name, device, precision in rt.targets
+    }
+    out.update(_REGISTRY)
+    return out
+
+
+def runtime_target(runtime: str, device: str = "cpu", precision: str = "fp32") -> Target:
+    """The registered target of a runtime on a device at a precision (the first one).
+
+    Raises:
+        TargetError: The runtime has no such target.
+    """
+    for t in _registered().values():
+        if (t.runtime, t.device, t.precision) == (runtime, device, precision):
+            return t
+    raise TargetError(f"runtime '{runtime}' has no {precision} target on '{device}'")
 
 
 def list_targets(table: Path | str | None = None) -> list[str]:
-    """Names of all known targets: registered runtime targets, then ``table:<column>`` for every
+    """Names of all known targets: runtime targets, then ``table:<column>`` for every
     ``*_ms`` column of the latency CSV (if it exists)."""
-    names = list(_REGISTRY)
+    names = list(_registered())
     path = Path(table) if table else default_table_csv()
     if path.is_file():
         try:
@@ -349,7 +281,7 @@ def list_targets(table: Path | str | None = None) -> list[str]:
     return names
 
 
-def get_target(name: str, table: Path | str | None = None) -> Target:
+def get_target(name: str | Target, table: Path | str | None = None) -> Target:
     """Return the target called ``name``.
 
     Args:
@@ -370,9 +302,9 @@ def get_target(name: str, table: Path | str | None = None) -> Target:
             raise TargetError(
                 "table target needs a column: table:<column>, e.g. table:raspi4_latency_ms"
             )
-        return TableTarget(column, table)
-    factory = _REGISTRY.get(name)
-    if factory is None:
+        return TableTarget.for_column(column, table)
+    target = _registered().get(name)
+    if target is None:
         known = ", ".join(list_targets(table)) + ", table:<column>"
         raise TargetError(f"unknown target '{name}'; known targets: {known}")
-    return factory()
+    return target

@@ -7,10 +7,11 @@ Mechanism (all of it computed from the study's own trials, so it resumes from st
    given — the "gradient information": e.g. the softmax of DARTS / supernet architecture weights
    per edge.
 2. **Surrogate**: per objective, a Bayesian linear regression (evidence-maximized) on
-   one-hot features of the parameters plus optional structural features (for NAS-Bench-201
-   cells: the one-hot of the ops on *active* edges, i.e. edges on an input-to-output path, op
-   counts, and per input-to-output path whether it is live and its op counts, i.e. its depth;
-   the encoding alone determines them all), plus, when a prior is given, the prior
+   one-hot features of the parameters plus the search space's structural features, if it has
+   any (:meth:`nasforge.space.base.SearchSpace.surrogate_features`; for NAS-Bench-201 cells: the
+   one-hot of the ops on *active* edges, i.e. edges on an input-to-output path, op counts, and
+   per input-to-output path whether it is live and its op counts, i.e. its depth; the encoding
+   alone determines them all), plus, when a prior is given, the prior
    log-probability of the point as one more feature, so the data decide how much the gradient
    information is trusted. Targets are rank-based normal scores of the evaluated values (robust
    to the heavy tail of broken cells, and order-preserving so Pareto dominance is unchanged).
@@ -44,7 +45,6 @@ The surrogate never sees anything but evaluated trials; the prior is optional.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -60,9 +60,8 @@ from nasforge.search.base import (
     violations,
 )
 from nasforge.search.pareto import is_non_dominated
-from nasforge.space import nb201
-
-FeatureFn = Callable[[np.ndarray], np.ndarray]
+from nasforge.space.base import FeatureFn
+from nasforge.space.registry import surrogate_features
 
 
 def one_hot(idx: np.ndarray, sizes: list[int]) -> np.ndarray:
@@ -74,73 +73,11 @@ def one_hot(idx: np.ndarray, sizes: list[int]) -> np.ndarray:
     return out
 
 
-def nb201_active_features(idx: np.ndarray) -> np.ndarray:
-    """Structural features of NB201 cells given as ``(n, 6)`` indices into OPS.
-
-    One-hot of the ops on active edges (on an input-to-output path), op counts over active edges
-    and over all edges, and a flag for cells with no input-to-output path.
-    """
-    none = nb201.OPS.index("none")
-    live = idx != none
-    n = len(idx)
-    from_in = np.zeros((n, nb201.N_NODES), dtype=bool)
-    from_in[:, 0] = True
-    for k, (dst, src) in enumerate(nb201.EDGES):
-        from_in[:, dst] |= live[:, k] & from_in[:, src]
-    to_out = np.zeros((n, nb201.N_NODES), dtype=bool)
-    to_out[:, -1] = True
-    for k in reversed(range(len(nb201.EDGES))):
-        dst, src = nb201.EDGES[k]
-        to_out[:, src] |= live[:, k] & to_out[:, dst]
-    active = np.stack(
-        [live[:, k] & from_in[:, s] & to_out[:, d] for k, (d, s) in enumerate(nb201.EDGES)], 1
-    )
-    n_ops = len(nb201.OPS)
-    feats = one_hot(idx, [n_ops] * len(nb201.EDGES))
-    active_oh = feats * np.repeat(active, n_ops, axis=1)
-    # Op counts pooled over edges: few features that explain much, so the evidence-maximized
-    # regression can lean on them while data are scarce and on the per-edge ones later.
-    active_counts = active_oh.reshape(n, len(nb201.EDGES), n_ops).sum(axis=1)
-    all_counts = feats.reshape(n, len(nb201.EDGES), n_ops).sum(axis=1)
-    disconnected = (~active.any(axis=1)).astype(float)[:, None]
-    return np.hstack(
-        [active_oh, active_counts, all_counts, disconnected, _path_features(idx, live)]
-    )
-
-
-def _nb201_paths() -> list[list[int]]:
-    """Edge indices of every input-to-output path of the NB201 cell DAG."""
-    out: list[list[int]] = []
-
-    def walk(node: int, edges: list[int]) -> None:
-        if node == nb201.N_NODES - 1:
-            out.append(edges)
-            return
-        for k, (dst, src) in enumerate(nb201.EDGES):
-            if src == node:
-                walk(dst, [*edges, k])
-
-    walk(0, [])
-    return out
-
-
-def _path_features(idx: np.ndarray, live: np.ndarray) -> np.ndarray:
-    """Per input-to-output path: whether it is live, and its op counts when it is (depth: what a
-    stack of ops on one path computes, which per-edge features cannot express additively)."""
-    n_ops = len(nb201.OPS)
-    cols = []
-    for path in _nb201_paths():
-        ok = live[:, path].all(axis=1)
-        counts = np.stack([(idx[:, path] == o).sum(axis=1) for o in range(n_ops)], axis=1)
-        cols += [ok[:, None].astype(float), counts * ok[:, None]]
-    return np.hstack(cols).astype(float)
-
-
 def default_features(names: list[str], choices: list[list[Any]]) -> FeatureFn | None:
-    """Structural features for known spaces (NB201 cells), else None (one-hot only)."""
-    if tuple(names) == nb201.PARAM_NAMES and all(tuple(c) == nb201.OPS for c in choices):
-        return nb201_active_features
-    return None
+    """The structural features of the registered search space whose encoding the parameters
+    are (:meth:`nasforge.space.base.SearchSpace.surrogate_features`; NAS-Bench-201 cells have
+    some), else None (one-hot only)."""
+    return surrogate_features(names, choices)
 
 
 def normal_scores(y: np.ndarray) -> np.ndarray:
@@ -159,8 +96,8 @@ class HybridSampler(ArchSampler):
         n_init: size of the initial population.
         p_mutation: probability of restricting a proposal to mutations of the front.
         max_pool: largest space enumerated in full.
-        features: extra feature function of ``(n, d)`` choice indices (default: structural
-            features for NB201 cells, none otherwise).
+        features: extra feature function of ``(n, d)`` choice indices (default: the structural
+            features of the search space the parameters encode, see :func:`default_features`).
         rho: weight of the linear term of the augmented Chebyshev scalarization.
         acquisition: "hvi" (hypervolume improvement) or "chebyshev".
         exploration: scale of the posterior deviation in the Thompson draws (1: plain Thompson

@@ -1,8 +1,8 @@
 """What a pipeline search needs besides its space: targets, latency, objectives, constraints.
 
-Both spaces' search stages (:mod:`nasforge.stages.search`, :mod:`nasforge.supernet.macro_search`)
-build their study from these, so objectives, constraints, the deployed precision and GPU targets
-mean the same in either.
+The search stage (:mod:`nasforge.stages.search`, one body for every search space) builds its
+study from these, so objectives, constraints, the deployed precision and GPU targets mean the
+same in every space.
 """
 
 from __future__ import annotations

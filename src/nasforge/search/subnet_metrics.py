@@ -1,7 +1,8 @@
-"""Every figure the search knows about one subnet, for either space.
+"""Every figure the search knows about one subnet, for every space.
 
-The space-specific part (building the subnet with inherited weights and scoring its validation
-accuracy) is the caller's; :class:`SubnetMetrics` adds the rest from the deployed network:
+:class:`SubnetEvaluator` cuts the subnet from the supernet with inherited weights (the search
+space's :meth:`~nasforge.space.base.SearchSpace.inherited_subnet`) and scores its validation
+accuracy; :class:`SubnetMetrics` adds the rest from the deployed network:
 latency per target at the deployed precision (:class:`~nasforge.hardware.predictor.
 LatencyPredictor`), memory (:mod:`nasforge.hardware.memory`: weights at the deployed precision plus
 the peak of live activations of the ONNX graph at the search's batch size), energy per target
@@ -19,9 +20,8 @@ from typing import Any
 
 import torch
 
-from nasforge.bench.timing_export import export_for_timing
+from nasforge.bench.timing_export import export_for_timing, torch_single_thread
 from nasforge.hardware.energy import energy_per_inference, meter_for
-from nasforge.hardware.latency_table import torch_single_thread
 from nasforge.hardware.memory import onnx_param_count, param_bytes, peak_activation_bytes
 
 
@@ -133,3 +133,66 @@ def model_memory(
         weights = param_bytes(count, channels)[precision]
         activations = peak_activation_bytes(path, batch_size)
     return {"size_mb": weights / 1e6, "memory_mb": (weights + activations) / 1e6}
+
+
+class SubnetEvaluator:
+    """Scores the subnets of a trained supernet on every metric; caches repeated architectures.
+
+    For a spec: the standalone subnet with inherited weights, BatchNorm recalibrated on the
+    first ``bn_batches`` training batches (:meth:`~nasforge.space.base.SearchSpace.
+    inherited_subnet`), its validation accuracy (``val_accuracy``, ``val_error``) and, with
+    ``metrics``, everything :meth:`SubnetMetrics.measure` adds; without, its ``params``.
+
+    Args:
+        space: The configured :class:`~nasforge.space.base.SearchSpace`.
+        supernet: The trained supernet of that space.
+        x_train: Training images (BN recalibration).
+        x_val: Validation images.
+        y_val: Validation labels.
+        bn_batches: Training batches for BN recalibration (0: keep the supernet's statistics).
+        batch_size: Their size.
+        metrics: A :class:`SubnetMetrics`, or None.
+    """
+
+    def __init__(
+        self,
+        space: Any,
+        supernet: torch.nn.Module,
+        x_train: torch.Tensor,
+        x_val: torch.Tensor,
+        y_val: torch.Tensor,
+        *,
+        bn_batches: int = 4,
+        batch_size: int = 64,
+        metrics: SubnetMetrics | None = None,
+    ) -> None:
+        self.space = space
+        self.supernet = supernet
+        self.x_val, self.y_val = x_val, y_val
+        batches = (x_train[i * batch_size : (i + 1) * batch_size] for i in range(bn_batches))
+        self.calibration = [b for b in batches if len(b)]
+        self.metrics = metrics
+        self.cache: dict[str, dict[str, float]] = {}
+
+    def objective_names(self) -> list[str]:
+        """The minimised columns it measures: ``val_error``, latency per target (with
+        ``metrics``) and ``params``."""
+        targets = [] if self.metrics is None else [t.name for t in self.metrics.predictor.targets]
+        return ["val_error"] + [f"latency_ms[{n}]" for n in targets] + ["params"]
+
+    def evaluate(self, spec: Any) -> dict[str, float]:
+        """Every metric of ``spec`` (cached by its display string)."""
+        from nasforge.space.cell import count_parameters
+        from nasforge.training import accuracy
+
+        key = self.space.display(spec)
+        if key not in self.cache:
+            subnet = self.space.inherited_subnet(self.supernet, spec, self.calibration)
+            acc = accuracy(subnet, self.x_val, self.y_val)
+            values = {"val_error": 1.0 - acc, "val_accuracy": acc}
+            if self.metrics is None:
+                values["params"] = float(count_parameters(subnet))
+            else:
+                values.update(self.metrics.measure(subnet, spec, key))
+            self.cache[key] = values
+        return self.cache[key]

@@ -50,7 +50,8 @@ from threadpoolctl import threadpool_limits
 
 from nasforge.atomic import atomic_file
 from nasforge.errors import ConfigError, DataError
-from nasforge.search.base import INVALID_ATTR, ask_valid
+from nasforge.search.base import INVALID_ATTR
+from nasforge.search.driver import drive, open_study
 from nasforge.search.pareto import hypervolume, pareto_front
 from nasforge.search.samplers import (
     STRATEGIES,
@@ -268,8 +269,8 @@ def load_problem(
     front = pareto_front(inside) if len(inside) else inside
     hv_true = hypervolume(front, np.ones(m)) if len(inside) else 0.0
     if hv_true <= 0:
-        what = "feasible cell" if k else "cell"
-        raise DataError(f"{table}: no {what} inside the region of interest")
+        what = "feasible " if k else ""
+        raise DataError(f"{table}: no {what}cell inside the region of interest")
     return TabularProblem(
         table, list(objectives), raw, roi, front, hv_true, list(constraints), violation
     )
@@ -299,7 +300,9 @@ def search_table(
 ) -> optuna.Study:
     """Run (or resume) one search on the table until it has ``n_trials`` completed trials.
 
-    Trials left RUNNING by a killed process are marked FAIL on resume (they never finished, so
+    The study is opened, resumed and asked/told by the pipeline's search driver
+    (:func:`nasforge.search.driver.open_study`, :func:`~nasforge.search.driver.drive`). Trials
+    left RUNNING by a killed process are marked FAIL on resume (they never finished, so
     nothing is evaluated twice; nasforge's samplers also never re-propose them). Cells missing
     from the table end as PRUNED trials and do not count toward ``n_trials``; so do degenerate
     cells (see the module docstring), which are never evaluated. The problem's constraints
@@ -333,38 +336,33 @@ def search_table(
         is_valid=is_valid,
         options=sampler_kwargs,
     )
-    study = optuna.create_study(
+    study = open_study(
         storage=storage,
         study_name=study_name,
-        sampler=sampler,
         directions=problem.directions,
-        load_if_exists=True,
+        sampler=sampler,
+        fail_running=fail_running,
     )
-    if fail_running:
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    distributions = {p: CategoricalDistribution(list(nb201.OPS)) for p in nb201.PARAM_NAMES}
-    # Guard against endless loops on sparse tables: at most 10x the budget in trials overall
-    # (degenerate proposals are bounded by ask_valid's retries, not by this guard).
-    max_total = 10 * n_trials + 100
-    evaluated = len([t for t in study.trials if not t.user_attrs.get(INVALID_ATTR)])
-    while len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < n_trials:
-        if evaluated >= max_total:
-            return study
-        if is_valid is not None:
-            trial = ask_valid(study, distributions, is_valid)
-        else:
-            trial = study.ask(distributions)
-        evaluated += 1
-        spec = nb201.CellSpec.from_params(trial.params)
-        idx = spec.to_index()
+
+    def evaluate(trial: optuna.Trial) -> list[float] | None:
+        idx = nb201.CellSpec.from_params(trial.params).to_index()
         if on_evaluate is not None:
             on_evaluate(trial.number, idx)
         vals = problem.raw[idx]
         if not np.all(np.isfinite(vals)):
-            study.tell(trial, state=TrialState.PRUNED)  # cell not in the table
-            continue
-        study.tell(trial, [float(v) for v in vals])
+            return None  # cell not in the table: PRUNED
+        return [float(v) for v in vals]
+
+    drive(
+        study,
+        {p: CategoricalDistribution(list(nb201.OPS)) for p in nb201.PARAM_NAMES},
+        evaluate,
+        n_trials,
+        is_valid=is_valid,
+        # Guard against endless loops on sparse tables: at most 10x the budget in trials
+        # overall (degenerate proposals excluded: they are bounded by ask_valid's retries).
+        max_evaluations=10 * n_trials + 100,
+    )
     return study
 
 

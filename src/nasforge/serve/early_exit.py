@@ -1,5 +1,5 @@
-"""Run a staged early-exit export (see :mod:`nasforge.space.early_exit`) in ONNX Runtime or
-OpenVINO, letting confident samples leave early.
+"""Run a staged early-exit export (see :mod:`nasforge.space.early_exit`) on any runtime that reads
+ONNX (ONNX Runtime, OpenVINO), letting confident samples leave early.
 
 Per batch: segment 0 runs on every row; rows whose max-softmax confidence at exit ``k`` reaches
 threshold ``k`` are answered there, and only the remaining rows' features go on to segment
@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nasforge.errors import ModelFileError, TargetError
+from nasforge.runtimes.registry import get_runtime
 from nasforge.space.early_exit import FORMAT, MANIFEST, NEVER, THRESHOLDS, confidence
-
-RUNTIMES = ("onnxruntime", "openvino")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -83,63 +82,19 @@ class EarlyExitResult:
     exits: np.ndarray
 
 
-def _ort_stage(path: Path, threads: int | None) -> Callable[[np.ndarray], list[np.ndarray]]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises InvalidProtobuf / Fail / InvalidGraph
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ModelFileError(f"cannot load {path} in ONNX Runtime: {first}") from e
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x})
-
-
-def _ov_stage(path: Path, threads: int | None) -> Callable[[np.ndarray], list[np.ndarray]]:
-    import openvino as ov
-
-    core = ov.Core()
-    # f32 pinned: on bf16-capable CPUs the plugin would otherwise silently run bf16. The batch
-    # stays dynamic: each stage sees a different number of rows per call.
-    config: dict[str, Any] = {
-        "INFERENCE_PRECISION_HINT": "f32",
-        "PERFORMANCE_HINT": "LATENCY",
-        "NUM_STREAMS": 1,
-    }
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = int(threads)
-    try:
-        compiled = core.compile_model(str(path), "CPU", config)
-    except Exception as e:  # OpenVINO raises RuntimeError with a multi-line message
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ModelFileError(f"OpenVINO cannot compile {path}: {first}") from e
-    request = compiled.create_infer_request()
-    n_out = len(compiled.outputs)
-
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        request.infer({0: x})
-        return [request.get_output_tensor(i).data.copy() for i in range(n_out)]
-
-    return run
-
-
 class EarlyExitRunner:
     """Staged early-exit inference on one runtime.
 
     Args:
         folder: A staged export folder (or its ``early_exit.json``).
-        runtime: ``"onnxruntime"`` or ``"openvino"`` (CPU, FP32).
+        runtime: A runtime that reads ONNX (``"onnxruntime"``, ``"openvino"``; CPU, FP32, the
+            batch dynamic: each stage sees a different number of rows per call).
         threads: Runtime threads per stage (default: the runtime's choice).
         thresholds: Override the calibrated thresholds (one per intermediate exit).
 
     Raises:
         ModelFileError: Missing, corrupt or inconsistent files.
-        TargetError: Unknown runtime.
+        TargetError: Unknown runtime, or one that does not read ONNX.
     """
 
     def __init__(
@@ -149,8 +104,11 @@ class EarlyExitRunner:
         threads: int | None = None,
         thresholds: Sequence[float] | None = None,
     ) -> None:
-        if runtime not in RUNTIMES:
-            raise TargetError(f"early exit runs on {', '.join(RUNTIMES)}, not {runtime!r}")
+        rt = get_runtime(runtime)
+        if ".onnx" not in rt.suffixes:
+            raise TargetError(
+                f"early exit runs staged ONNX graphs; runtime '{runtime}' does not read ONNX"
+            )
         self.folder = Path(folder)
         if self.folder.name == MANIFEST:
             self.folder = self.folder.parent
@@ -161,8 +119,9 @@ class EarlyExitRunner:
         self.thresholds = list(calibrated)
         if thresholds is not None:
             self.set_thresholds(thresholds)
-        build = _ort_stage if runtime == "onnxruntime" else _ov_stage
-        self._stages = [build(self.folder / s, threads) for s in self.manifest["stages"]]
+        self._stages = [
+            rt.runner(self.folder / s, threads, all_outputs=True) for s in self.manifest["stages"]
+        ]
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         """Replace the thresholds (one per intermediate exit)."""

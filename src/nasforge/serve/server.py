@@ -143,10 +143,10 @@ class VariantAPI(ls.LitAPI):
             n = len(chunk)
             b = next(s for s in self.buckets if s >= n)
             sess = self.sessions[variant][b]
-            if sess.runtime == "onnxruntime":  # takes any batch: padding would only cost time
+            if sess.dynamic_batch:  # takes any smaller batch: padding would only cost time
                 outs.append(np.asarray(sess.run(chunk)))
                 continue
-            if b > n:  # OpenVINO sessions have static shapes: pad to the bucket, drop the padding
+            if b > n:  # static shapes (OpenVINO): pad to the bucket, drop the padding
                 pad = np.zeros((b - n, *chunk.shape[1:]), dtype=chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
             outs.append(np.asarray(self.sessions[variant][b].run(chunk))[:n])
@@ -228,7 +228,7 @@ def _early_exit_runner(v: VariantSpec, target: str, threads: int | None) -> Earl
     from nasforge.hardware.targets import get_target
 
     t = get_target(target)
-    if getattr(t, "device", "cpu") != "cpu" or t.precision != "fp32":
+    if t.device != "cpu" or t.precision != "fp32":
         raise TargetError(f"early-exit variant {v.name} runs on FP32 CPU targets, not {target}")
     return EarlyExitRunner(v.path, t.runtime, threads)
 
@@ -318,7 +318,8 @@ def serve(
     Args:
         source: A folder (benchmark or export output, or a parent of several) or the word
             ``"registry"`` to load ``nasforge-<target>`` from MLflow at ``tracking_uri``.
-        target: Runtime target name, e.g. ``"onnxruntime-cpu"``, ``"openvino-cpu-int8"``.
+        target: Runtime target name, e.g. ``"onnxruntime-cpu"``, ``"openvino-cpu-int8"``,
+            ``"executorch-xnnpack-cpu"``.
         host: Bind address (``127.0.0.1`` keeps it local).
         port: TCP port.
         max_batch_size: Most requests LitServe groups into one batch (also the largest session

@@ -1,14 +1,17 @@
-"""Export a Triton Inference Server model repository with dynamic batching per backend.
+"""Export a Triton Inference Server model repository with dynamic batching per runtime.
 
-One Triton model per backend, named ``<name>-<backend>``::
+One Triton model per runtime that Triton can serve (:attr:`nasforge.runtimes.base.Runtime.
+triton`), named ``<name>-<runtime>``::
 
     <repo>/<name>-onnxruntime/config.pbtxt   1/model.onnx
     <repo>/<name>-openvino/config.pbtxt      1/model.xml 1/model.bin
     <repo>/<name>-tensorrt/config.pbtxt      1/model.onnx
 
-``tensorrt`` is the ONNX Runtime backend with TensorRT as GPU execution accelerator (Triton
-builds the engine on the GPU it runs on), so no TensorRT plan has to be built on a machine with
-the same GPU beforehand.
+Each runtime says which Triton backend serves it, on CPU or GPU instances, with which
+execution accelerator: ``tensorrt`` is the ONNX Runtime backend with TensorRT as GPU execution
+accelerator (Triton builds the engine on the GPU it runs on), so no TensorRT plan has to be built
+on a machine with the same GPU beforehand. A runtime's own file (the OpenVINO IR) is served when
+given, else the ONNX graph.
 
 Every ``config.pbtxt`` is rendered from, and re-parsed into, Triton's own ``inference.ModelConfig``
 protobuf (``model_config_pb2`` shipped with the ``tritonclient`` package), so a field Triton does
@@ -21,14 +24,17 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from nasforge.errors import ConfigError, ModelFileError
+from nasforge.runtimes.registry import get_runtime, list_runtimes
 
-BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+#: Runtimes Triton serves.
+BACKENDS = tuple(r.name for r in list_runtimes() if r.triton is not None)
 _ONNX_TO_TRITON = {
     1: "TYPE_FP32",
     10: "TYPE_FP16",
@@ -91,16 +97,6 @@ def _onnx_signature(path: Path) -> tuple[TensorSig, TensorSig]:
     return sigs[0], sigs[1]
 
 
-def _openvino_names(xml: Path) -> tuple[str, str]:
-    import openvino as ov
-
-    try:
-        m = ov.Core().read_model(str(xml))
-    except Exception as e:  # noqa: BLE001
-        raise ModelFileError(f"cannot read OpenVINO IR {xml}: {e}") from e
-    return m.inputs[0].get_any_name(), m.outputs[0].get_any_name()
-
-
 def build_config(
     name: str,
     backend: str,
@@ -116,8 +112,11 @@ def build_config(
     Raises:
         ConfigError: Unknown backend or inconsistent batching settings.
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown Triton backend {backend!r}; choose from {list(BACKENDS)}")
+    runtimes = {r.name: r for r in list_runtimes() if r.triton is not None}
+    if backend not in runtimes:
+        raise ConfigError(f"unknown Triton backend {backend!r}; choose from {list(runtimes)}")
+    triton = runtimes[backend].triton
+    assert triton is not None
     if max_batch_size < 1:
         raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
     if any(b < 1 or b > max_batch_size for b in preferred_batch_sizes):
@@ -125,11 +124,7 @@ def build_config(
             f"preferred batch sizes {preferred_batch_sizes} not in 1..{max_batch_size}"
         )
     pb = model_config_module()
-    cfg = pb.ModelConfig(
-        name=name,
-        backend="openvino" if backend == "openvino" else "onnxruntime",
-        max_batch_size=max_batch_size,
-    )
+    cfg = pb.ModelConfig(name=name, backend=triton.backend, max_batch_size=max_batch_size)
     for sig, field in ((inp, cfg.input), (out, cfg.output)):
         t = field.add()
         t.name = sig.name
@@ -139,14 +134,17 @@ def build_config(
     cfg.dynamic_batching.preferred_batch_size.extend(sorted(set(preferred_batch_sizes)))
     group = cfg.instance_group.add()
     group.count = instances
-    if backend == "tensorrt":
-        group.kind = pb.ModelInstanceGroup.KIND_GPU
-        acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add()
-        acc.name = "tensorrt"
-        acc.parameters["precision_mode"] = "FP32"
-        acc.parameters["max_workspace_size_bytes"] = str(1 << 30)
-    else:
-        group.kind = pb.ModelInstanceGroup.KIND_CPU
+    group.kind = pb.ModelInstanceGroup.KIND_GPU if triton.gpu else pb.ModelInstanceGroup.KIND_CPU
+    if triton.accelerator is not None:
+        accelerators = cfg.optimization.execution_accelerators
+        acc = (
+            accelerators.gpu_execution_accelerator
+            if triton.gpu
+            else accelerators.cpu_execution_accelerator
+        ).add()
+        acc.name = triton.accelerator["name"]
+        for key, value in triton.accelerator.get("parameters", {}).items():
+            acc.parameters[key] = str(value)
     return cfg
 
 
@@ -162,7 +160,7 @@ def export_triton_repository(
     output: Path | str,
     name: str,
     backends: tuple[str, ...] = BACKENDS,
-    openvino_xml: Path | str | None = None,
+    runtime_files: Mapping[str, Path | str] | None = None,
     max_batch_size: int = 8,
     max_queue_delay_ms: float = 5.0,
     preferred_batch_sizes: list[int] | None = None,
@@ -172,10 +170,11 @@ def export_triton_repository(
     Args:
         onnx_model: The ONNX model (dynamic batch, static per-sample shape).
         output: Repository folder to create; must not exist yet.
-        name: Model name prefix; each backend becomes model ``<name>-<backend>``.
-        backends: Any of ``"onnxruntime"``, ``"openvino"``, ``"tensorrt"``.
-        openvino_xml: OpenVINO IR for the ``openvino`` backend (its ``.bin`` beside it);
-            without it the ONNX file is served by the OpenVINO backend.
+        name: Model name prefix; each runtime becomes model ``<name>-<runtime>``.
+        backends: Runtimes to serve, any of :data:`BACKENDS` (``"onnxruntime"``,
+            ``"openvino"``, ``"tensorrt"``).
+        runtime_files: A runtime's own model file to serve instead of the ONNX graph, by
+            runtime name (e.g. ``{"openvino": "openvino/fp32.xml"}``, its ``.bin`` beside it).
         max_batch_size: Triton ``max_batch_size``.
         max_queue_delay_ms: Dynamic batching ``max_queue_delay_microseconds`` / 1000.
         preferred_batch_sizes: Default: powers of two up to ``max_batch_size``.
@@ -206,13 +205,15 @@ def export_triton_repository(
             vdir = tmp / model_name / "1"
             vdir.mkdir(parents=True)
             b_inp, b_out = inp, out
-            if backend == "openvino" and openvino_xml is not None:
-                xml = Path(openvino_xml)
-                if not xml.is_file() or not xml.with_suffix(".bin").is_file():
-                    raise ModelFileError(f"OpenVINO IR {xml} or its .bin is missing")
-                shutil.copy2(xml, vdir / "model.xml")
-                shutil.copy2(xml.with_suffix(".bin"), vdir / "model.bin")
-                in_name, out_name = _openvino_names(xml)
+            own = (runtime_files or {}).get(backend)
+            if own is not None:
+                runtime = get_runtime(backend)
+                files = runtime.model_files(Path(own))
+                if not all(f.is_file() for f in files):
+                    raise ModelFileError(f"{runtime.file_kind} {own} or its companion is missing")
+                for f in files:
+                    shutil.copy2(f, vdir / f"model{f.suffix}")
+                in_name, out_name = runtime.io_names(Path(own))
                 b_inp = TensorSig(in_name, inp.data_type, inp.dims)
                 b_out = TensorSig(out_name, out.data_type, out.dims)
             else:
@@ -226,8 +227,10 @@ def export_triton_repository(
                 max_queue_delay_ms,
                 preferred_batch_sizes,
             )
-            if backend == "openvino" and openvino_xml is None:
-                # The OpenVINO backend looks for model.xml unless told otherwise.
+            default = get_runtime(backend).triton.default_file  # type: ignore[union-attr]
+            if own is None and default != "model.onnx":
+                # A backend that reads another format by default (OpenVINO: model.xml) is
+                # pointed at the ONNX graph.
                 cfg.default_model_filename = "model.onnx"
             from google.protobuf import text_format
 

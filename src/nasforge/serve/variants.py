@@ -5,7 +5,8 @@ about it (accuracy, size). Folders accepted (searched recursively, so a parent o
 folders gives one variant per candidate):
 
 * a benchmark output ``<candidate>/benchmark.json`` + ``<candidate>/model/<precision>/``;
-* an export folder with ``export.json`` (``fp32.onnx``, ``int8.onnx``, ``openvino/*.xml``);
+* an export folder with ``export.json`` (``fp32.onnx``, ``int8.onnx``, ``openvino/*.xml``,
+  ``executorch/*.pte``: each runtime's files where its layout puts them);
 * an early-exit folder with ``early_exit.json`` (staged ONNX graphs + ``thresholds.json``, see
   :mod:`nasforge.space.early_exit`): one variant of kind ``"early_exit"`` (FP32 targets only).
 
@@ -26,19 +27,14 @@ from typing import Any
 
 from nasforge.errors import ModelFileError, TargetError, TrackingError
 from nasforge.hardware.targets import get_target
+from nasforge.runtimes.base import Runtime
+from nasforge.runtimes.registry import bundle_runtime, companion_files
 from nasforge.space.early_exit import MANIFEST as EARLY_EXIT_MANIFEST
 
 # The benchmark and export stages' manifests (nasforge.stages.benchmark / .export import torch,
 # data and tracking code a server does not need, so the names are repeated here).
 BENCHMARK_JSON = "benchmark.json"
 EXPORT_JSON = "export.json"
-
-_EXPORT_FILES = {
-    ("onnxruntime", "fp32"): "fp32.onnx",
-    ("onnxruntime", "int8"): "int8.onnx",
-    ("openvino", "fp32"): "openvino/fp32.xml",
-    ("openvino", "int8"): "openvino/int8.xml",
-}
 
 
 @dataclasses.dataclass
@@ -63,32 +59,29 @@ class VariantSpec:
     kind: str = "model"
 
 
-def _runtime_precision(target: str) -> tuple[str, str]:
+def _runtime_precision(target: str) -> tuple[Runtime, str]:
+    """The runtime whose bundle files serve ``target``, and the target's precision."""
     t = get_target(target)
     if t.kind != "runtime":
         raise TargetError(f"target '{target}' is a latency table; it cannot serve models")
-    return t.runtime, t.precision
+    return bundle_runtime(t.backend), t.precision
 
 
 def _model_size(path: Path) -> int:
-    files = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
-    return sum(f.stat().st_size for f in files if f.is_file())
+    return sum(f.stat().st_size for f in companion_files(path) if f.is_file())
 
 
-def _pick_file(folder: Path, runtime: str) -> Path | None:
-    # OpenVINO prefers its IR but reads ONNX directly too.
-    suffixes = (".xml", ".onnx") if runtime == "openvino" else (".onnx",)
-    for suffix in suffixes:
-        found = sorted(folder.glob(f"*{suffix}"))
-        if found:
-            return found[0]
-    return None
+def _pick_file(folder: Path, runtime: Runtime) -> Path | None:
+    # A runtime may read several formats (OpenVINO: its IR, else ONNX), preferred first.
+    if not folder.is_dir():
+        return None
+    return runtime.pick_file([f for f in folder.iterdir() if f.is_file()])
 
 
 def _content_hash(path: Path) -> str:
     """SHA-256 of a model's files (an OpenVINO IR is its ``.xml`` and ``.bin``)."""
     h = hashlib.sha256()
-    for f in [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]:
+    for f in companion_files(path):
         if f.is_file():
             with f.open("rb") as fh:
                 h.update(hashlib.file_digest(fh, "sha256").digest())
@@ -100,15 +93,18 @@ def _benchmark_target(doc: dict[str, Any]) -> str | None:
     return t.get("name") if isinstance(t, dict) else t
 
 
-def _onnx_to_ir(root: Path, precision: str) -> dict[str, str]:
-    """Content hash of each export's ONNX file -> hash of the IR converted from it, so an ONNX
-    copy (which OpenVINO also reads) and the IR of the same model count as one model."""
+def _twin_aliases(root: Path, runtime: Runtime, precision: str) -> dict[str, str]:
+    """Content hash of each export's ONNX twin -> hash of the runtime's own file of the same
+    model, so an ONNX copy (which OpenVINO also reads) and the IR converted from it count as
+    one model."""
+    if ".onnx" not in runtime.suffixes:
+        return {}
     out = {}
     for ej in sorted(root.rglob(EXPORT_JSON)):
-        onnx = ej.parent / _EXPORT_FILES[("onnxruntime", precision)]
-        ir = ej.parent / _EXPORT_FILES[("openvino", precision)]
-        if onnx.is_file() and ir.is_file():
-            out[_content_hash(onnx)] = _content_hash(ir)
+        onnx = ej.parent / runtime.onnx_twin(precision)
+        own = ej.parent / runtime.layout(precision)
+        if onnx.is_file() and own.is_file() and onnx != own:
+            out[_content_hash(onnx)] = _content_hash(own)
     return out
 
 
@@ -147,7 +143,7 @@ def variants_from_dir(root: Path | str, target: str) -> list[VariantSpec]:
     for ej in sorted(root.rglob(EXPORT_JSON)):
         if ej.parent.resolve() in seen:
             continue
-        path = ej.parent / _EXPORT_FILES[(runtime, precision)]
+        path = ej.parent / runtime.layout(precision)
         if not path.is_file():
             continue
         try:
@@ -155,14 +151,14 @@ def variants_from_dir(root: Path | str, target: str) -> list[VariantSpec]:
         except json.JSONDecodeError as e:
             raise ModelFileError(f"{ej} is not valid JSON: {e}") from e
         found.append((2, VariantSpec(name, path, None, _model_size(path))))
-    if precision == "fp32":  # staged early-exit graphs are FP32
+    if precision == "fp32" and ".onnx" in runtime.suffixes:  # staged graphs: FP32 ONNX
         found.extend((0, v) for v in _early_exit_variants(root))
     if not found:
         raise ModelFileError(
-            f"no {precision} {runtime} model below {root} "
+            f"no {precision} {runtime.name} model below {root} "
             "(expected benchmark, export or early-exit folders)"
         )
-    out = _one_per_model(found, _onnx_to_ir(root, precision) if runtime == "openvino" else {})
+    out = _one_per_model(found, _twin_aliases(root, runtime, precision))
     names = [v.name for v in out]
     for i, v in enumerate(out):
         if names.count(v.name) > 1:  # different models of one candidate name: keep names unique
@@ -253,9 +249,11 @@ def variants_from_registry(
         local = download_version(
             tracking_uri, name, str(mv.version), Path(cache_dir) / name / str(mv.version)
         )
-        path = runtime_file_in(local, runtime)
+        path = runtime_file_in(local, runtime.name)
         if path is None:
-            raise ModelFileError(f"{name} v{mv.version} has no {runtime} model file in {local}")
+            raise ModelFileError(
+                f"{name} v{mv.version} has no {runtime.name} model file in {local}"
+            )
         acc = mv.tags.get(ACC_TAG)
         size = mv.tags.get(SIZE_TAG)
         out.append(

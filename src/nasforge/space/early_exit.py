@@ -39,7 +39,13 @@ from torch import nn
 from nasforge.atomic import temp_dir_beside
 from nasforge.errors import ConfigError, ModelFileError
 from nasforge.space.cell import CellNetwork, ResidualReduction
-from nasforge.training import iterate_minibatches, kd_loss
+from nasforge.training import (
+    iterate_minibatches,
+    kd_loss,
+    sgd_one_cycle,
+    steps_per_epoch,
+    train_loop,
+)
 
 FORMAT = "nasforge-early-exit/1"
 MANIFEST = "early_exit.json"
@@ -234,24 +240,29 @@ def fit_multi_exit(
         return []
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True
+    opt, sched = sgd_one_cycle(
+        model.parameters(),
+        lr=lr,
+        weight_decay=weight_decay,
+        total_steps=epochs * steps_per_epoch(len(x), batch_size),
+        pct_start=0.2,
     )
-    steps = epochs * max(1, (len(x) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
-    history = []
-    for _ in range(epochs):
-        model.train()
-        total, n = 0.0, 0
-        for xb, yb in iterate_minibatches(x, y, batch_size, rng):
-            opt.zero_grad(set_to_none=True)
-            loss = multi_exit_loss(model(xb), yb, weights, kd_temperature, kd_alpha)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(xb)
-            n += len(xb)
-        history.append(total / max(n, 1))
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        xb, yb = batch
+        loss = multi_exit_loss(model(xb), yb, weights, kd_temperature, kd_alpha)
+        loss.backward()
+        return loss
+
+    history = train_loop(
+        model,
+        opt,
+        step,
+        lambda _: iterate_minibatches(x, y, batch_size, rng),
+        epochs=epochs,
+        scheduler=sched,
+        progress_kind=None,
+    )
     model.eval()
     return history
 

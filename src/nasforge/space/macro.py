@@ -160,6 +160,20 @@ class MacroSpec:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
+def macro_arch_str(spec: MacroSpec) -> str:
+    """A compact, readable one-line name of ``spec`` (what ``arch_str`` holds for the cell space),
+    e.g. ``macro:d=1,2,1,1;w=0.5,1,1,1;k=3,3,5,3;e=3,3,3,3``: per-stage depth, width, kernel and
+    expansion."""
+
+    def join(values: tuple) -> str:
+        return ",".join(f"{v:g}" for v in values)
+
+    return (
+        f"macro:d={join(spec.depths)};w={join(spec.widths)};"
+        f"k={join(spec.kernels)};e={join(spec.expands)}"
+    )
+
+
 class InvertedResidual(nn.Module):
     """MobileNetV2 block: 1x1 expand -> kxk depthwise -> 1x1 project, residual when shapes match."""
 

@@ -2,15 +2,18 @@
 
 For each precision: accuracy of the *exported* model on the test split (run by the target's
 runtime), latency p50/p90/p99 after warm-up and throughput per batch size, model size and peak
-memory. Table targets (``table:<column>``) cannot run models: their latency is the table's value
-for the architecture (labelled ``source: table``) and accuracy is measured with ONNX Runtime.
+memory. The models are the target's runtime's files in the export bundle (a runtime that loads
+another's files, like TensorRT, measures those). Table targets (``table:<column>``) cannot run
+models: their latency is the table's value for the architecture (labelled ``source: table``) and
+accuracy is measured on the base runtime (ONNX Runtime).
 Each precision also records its energy per inference (``energy`` at batch 1, ``energy_per_batch``
 per batch size): measured with RAPL/NVML by running the model where such a meter is readable
 here, from the table's ``<device>_energy_mj`` column for table targets that have one, otherwise
 estimated as documented power x latency; ``source`` and ``method`` always say which. ``memory``
 gives the weights per precision, the analytic peak activations at each batch size (ONNX graph)
 and the harness's measured peak / session RSS, each with its source.
-The models measured are copied into the output so promotion registers exactly these files.
+The models measured are copied into the output, with the ONNX graph that is the same model (the
+runtime's ONNX twin), so promotion registers exactly these files.
 Each precision's result carries the export's parity check of the runtime measured (``parity``,
 absent when the export has none), which promotion requires to pass.
 Output: one sub-folder per candidate (``<candidate>/benchmark.json`` and ``<candidate>/model/``).
@@ -25,16 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from nasforge.bench.harness import predict
+from nasforge.bench.harness import measure, predict
 from nasforge.bench.sysinfo import system_info
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
 from nasforge.errors import ModelFileError
 from nasforge.hardware.energy import energy_per_inference
 from nasforge.hardware.memory import memory_report
-from nasforge.hardware.targets import get_target
+from nasforge.hardware.targets import get_target, runtime_target
+from nasforge.runtimes.registry import BASE_RUNTIME, bundle_runtime
 from nasforge.stages import StageResult
-from nasforge.stages.export import EXPORT_JSON, model_files
+from nasforge.stages.export import EXPORT_JSON, model_files, onnx_twin
 from nasforge.tracking.dvc import dvc_hash
 
 BENCHMARK_JSON = "benchmark.json"
@@ -162,8 +166,14 @@ def benchmark_one(params: Params, data, exported: Path, t, output_root: Path) ->
     export = json.loads(f.read_text())
     output = output_root / export["candidate"]
     x_test, y_test = data.numpy("test")
-    runtime = t.runtime if t.kind == "runtime" else "onnxruntime"
-    run_target = t if t.kind == "runtime" else get_target("onnxruntime-cpu")
+    run_target = t if t.kind == "runtime" else runtime_target(BASE_RUNTIME)
+    runtime = bundle_runtime(run_target.backend).name
+    missing = model_files(exported, runtime, "fp32")[0]
+    if not missing.is_file():
+        raise ModelFileError(
+            f"export folder {exported} has no {runtime} model ({missing.name}) for target "
+            f"'{t.name}': export with this target among params.targets"
+        )
     bp = params.benchmark
     threads = params.run.threads
     results: dict[str, Any] = {}
@@ -175,8 +185,9 @@ def benchmark_one(params: Params, data, exported: Path, t, output_root: Path) ->
         latency = {}
         if t.kind == "runtime":
             for bs in bp.batch_sizes:
-                res = t.measure(
+                res = measure(
                     files[0],
+                    t,
                     batch_size=bs,
                     input_shape=data.input_shape,
                     warmup=bp.warmup,
@@ -192,21 +203,24 @@ def benchmark_one(params: Params, data, exported: Path, t, output_root: Path) ->
         dest.mkdir(parents=True, exist_ok=True)
         # Promotion registers an MLflow ONNX model with the runtime's own files alongside, so the
         # ONNX of this precision travels with a runtime that reads another format (OpenVINO IR).
-        for src in dict.fromkeys([*files, *model_files(exported, "onnxruntime", precision)]):
+        twin = onnx_twin(exported, runtime, precision)
+        for src in dict.fromkeys([*files, twin]):
             shutil.copy2(src, dest / src.name)
         energy = _energy(t, latency, files[0], export["arch_str"], threads)
         first = "1" if "1" in energy else next(iter(energy))
         size = sum(s.stat().st_size for s in files)
-        onnx_file = model_files(exported, "onnxruntime", precision)[0]
         results[precision] = {
             "test_accuracy": acc,
             "size_bytes": size,
             "latency": latency,
             "energy": energy[first],
             "energy_per_batch": energy,
-            "memory": _memory(onnx_file, precision, bp.batch_sizes, latency, size, t),
+            "memory": _memory(twin, precision, bp.batch_sizes, latency, size, t),
             "files": [f"model/{precision}/{s.name}" for s in files],
         }
+        scheme = (export.get("quantization") or {}).get(f"{runtime}/{precision}")
+        if scheme is not None:  # quantized by the runtime's own scheme, not the QAT stage's
+            results[precision]["quantization"] = scheme
         parity = _parity(export, runtime, precision)
         if parity is not None:
             results[precision]["parity"] = parity

@@ -1,5 +1,10 @@
-"""export: ONNX (fp32 and INT8 QDQ, dynamic batch) and OpenVINO IR of one candidate, each checked
-for parity with its torch counterpart on the test split.
+"""export: one candidate's export bundle, every file checked for parity with its torch model.
+
+The bundle holds the ONNX graphs (fp32 and INT8 QDQ, dynamic batch; written by the base runtime,
+ONNX Runtime) and the files of every other runtime the run needs: the runtimes of
+``params.targets`` plus those exported by default (OpenVINO IR), each written by its runtime
+(:meth:`nasforge.runtimes.base.Runtime.export`) from the ONNX graphs or from torch. Each file's
+parity on the test split is that runtime's run against the torch model it came from.
 
 Parity below ``export.parity_min_top1`` does not fail the stage (it is a measurement): it is
 recorded in ``export.json`` and promotion rejects that runtime/precision.
@@ -10,33 +15,70 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nasforge.compress.qat import load_quantized
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
-from nasforge.errors import ModelFileError, naming_architecture
-from nasforge.export.onnx import export_fp32, export_int8
-from nasforge.export.openvino import to_openvino_ir
-from nasforge.export.parity import check_parity
+from nasforge.errors import ModelFileError, TargetError, naming_architecture
+from nasforge.hardware.targets import get_target
 from nasforge.models import MODEL_JSON, load_model, read_meta
+from nasforge.runtimes.base import PRECISIONS, Exported, ExportSources, Runtime
+from nasforge.runtimes.registry import BASE_RUNTIME, bundle_runtime, get_runtime, list_runtimes
 from nasforge.stages import StageResult
 from nasforge.stages.qat import QUANTIZED
 
-# File layout of an export folder, shared with the benchmark stage.
-FILES = {
-    ("onnxruntime", "fp32"): "fp32.onnx",
-    ("onnxruntime", "int8"): "int8.onnx",
-    ("openvino", "fp32"): "openvino/fp32.xml",
-    ("openvino", "int8"): "openvino/int8.xml",
-}
 EXPORT_JSON = "export.json"
+#: Files of the runtimes every bundle has (exported by default), ``{(runtime, precision): path}``
+#: relative to the bundle; a bundle may hold more (``export.json``'s ``files`` lists them).
+FILES = {
+    (rt.name, p): rt.layout(p)
+    for rt in list_runtimes()
+    if rt.exported_by_default and not rt.reads
+    for p in PRECISIONS
+}
+#: Training images runtimes with their own INT8 scheme calibrate on.
+CALIBRATION_SAMPLES = 256
 
 
 def model_files(export_dir: Path, runtime: str, precision: str) -> list[Path]:
-    """Files making up one exported model (the IR has a ``.bin`` beside its ``.xml``)."""
-    main = Path(export_dir) / FILES[(runtime, precision)]
-    return [main, main.with_suffix(".bin")] if main.suffix == ".xml" else [main]
+    """Files making up one exported model of a runtime (an IR has a ``.bin`` beside its
+    ``.xml``); a runtime that loads another's files gets those."""
+    rt = bundle_runtime(get_runtime(runtime))
+    return rt.model_files(Path(export_dir) / rt.layout(precision))
+
+
+def onnx_twin(export_dir: Path, runtime: str, precision: str) -> Path:
+    """The ONNX graph in a bundle that is the same model as ``runtime``'s file of
+    ``precision`` (what the memory model reads and promotion registers)."""
+    return Path(export_dir) / bundle_runtime(get_runtime(runtime)).onnx_twin(precision)
+
+
+def bundle_runtimes(targets: list[str]) -> list[Runtime]:
+    """Runtimes whose files a bundle holds for these targets: the base runtime first, every
+    runtime exported by default that is installed here, and each target's (a table target's
+    models run on the base runtime).
+
+    Raises:
+        TargetError: A target's runtime cannot write its files here.
+    """
+    wanted = {BASE_RUNTIME}
+    for name in targets:
+        t = get_target(name)
+        wanted.add(bundle_runtime(t.backend).name if t.kind == "runtime" else BASE_RUNTIME)
+    out = []
+    for rt in list_runtimes():
+        if rt.reads:
+            continue  # loads another runtime's files
+        problem = rt.export_problem()
+        if rt.name in wanted:
+            if problem:
+                raise TargetError(f"cannot export for runtime '{rt.name}' here: {problem}")
+            out.append(rt)
+        elif rt.exported_by_default and problem is None:
+            out.append(rt)
+    return out
 
 
 def run(params: Params, dataset: Path, model: Path, quantized: Path, output: Path) -> StageResult:
@@ -48,36 +90,50 @@ def run(params: Params, dataset: Path, model: Path, quantized: Path, output: Pat
             f"fp32 model {model} ({meta.get('candidate')}) and INT8 model {quantized} "
             f"({qmeta.get('candidate')}) are different candidates"
         )
+    runtimes = bundle_runtimes(params.targets)
     qprog = load_quantized(Path(quantized) / QUANTIZED)
     data = load_prepared(dataset)
     x_test, _ = data.numpy("test")
-    example = torch.from_numpy(x_test[:2])
+    x_train, _ = data.numpy("train")
+    rng = np.random.default_rng(params.run.seed)
+    pick = rng.choice(len(x_train), size=min(CALIBRATION_SAMPLES, len(x_train)), replace=False)
+    sources = ExportSources(
+        fp32=net.eval(),
+        int8=qprog,
+        example=torch.from_numpy(x_test[:2]),
+        calibration=x_train[np.sort(pick)],
+        max_batch=max(128, *params.benchmark.batch_sizes),
+    )
     output.mkdir(parents=True, exist_ok=True)
+    exported: dict[tuple[str, str], Exported] = {}
     with naming_architecture("export", meta["arch_str"]):
-        export_fp32(net, example, output / FILES[("onnxruntime", "fp32")])
-        export_int8(qprog, example, output / FILES[("onnxruntime", "int8")])
-        for precision in ("fp32", "int8"):
-            to_openvino_ir(
-                output / FILES[("onnxruntime", precision)],
-                output / FILES[("openvino", precision)],
-            )
+        for rt in runtimes:  # the base runtime first: the others may convert its graphs
+            for precision in PRECISIONS:
+                exported[(rt.name, precision)] = rt.export(sources, precision, output)
+            if rt.name == BASE_RUNTIME:
+                onnx = {p: exported[(rt.name, p)].path for p in PRECISIONS}
+                sources = ExportSources(**{**vars(sources), "onnx": onnx})
 
     threads = params.run.threads
     min_top1 = params.export.parity_min_top1
     qmodule = qprog.module()
-    parity = {}
-    for (runtime, precision), rel in FILES.items():
-        ref = net if precision == "fp32" else qmodule
-        parity[f"{runtime}/{precision}"] = check_parity(
-            ref, output / rel, x_test, runtime=runtime, threads=threads, min_top1=min_top1
+    parity, files, sizes, quantization = {}, {}, {}, {}
+    for (name, precision), ex in exported.items():
+        key = f"{name}/{precision}"
+        ref = ex.reference
+        if ref is None:
+            ref = net if precision == "fp32" else qmodule
+        parity[key] = get_runtime(name).parity(
+            ref, ex.path, x_test, threads=threads, min_top1=min_top1
         )
-    sizes = {
-        f"{rt}/{pr}": sum(f.stat().st_size for f in model_files(output, rt, pr)) for rt, pr in FILES
-    }
+        files[key] = ex.path.relative_to(output).as_posix()
+        sizes[key] = sum(f.stat().st_size for f in get_runtime(name).model_files(ex.path))
+        if ex.quantization is not None:
+            quantization[key] = dict(ex.quantization)
     doc = {
         "candidate": meta["candidate"],
         "arch_str": meta["arch_str"],
-        "files": {f"{rt}/{pr}": rel for (rt, pr), rel in FILES.items()},
+        "files": files,
         "size_bytes": sizes,
         "parity": parity,
         "parity_min_top1": min_top1,
@@ -85,6 +141,8 @@ def run(params: Params, dataset: Path, model: Path, quantized: Path, output: Pat
         "model": {k: meta[k] for k in ("input_shape", "mean", "std", "classes", "shape")},
         "history": qmeta.get("history", []),
     }
+    if quantization:
+        doc["quantization"] = quantization  # runtimes that quantize by their own scheme
     (output / EXPORT_JSON).write_text(json.dumps(doc, indent=2))
     (output / MODEL_JSON).write_text(json.dumps(qmeta, indent=2))
     metrics = {}
@@ -94,8 +152,11 @@ def run(params: Params, dataset: Path, model: Path, quantized: Path, output: Pat
         metrics[f"parity_maxabs_{tag}"] = p["max_abs_diff"]
     metrics.update({f"size_bytes_{k.replace('/', '_')}": v for k, v in sizes.items()})
     worst = min(p["top1_agreement"] for p in parity.values())
+    base = BASE_RUNTIME
     print(
-        f"  exported {meta['candidate']}: worst top-1 parity {worst:.4f}; int8 onnx {sizes['onnxruntime/int8']} B vs fp32 {sizes['onnxruntime/fp32']} B",
+        f"  exported {meta['candidate']} for {', '.join(rt.name for rt in runtimes)}: worst "
+        f"top-1 parity {worst:.4f}; int8 onnx {sizes[f'{base}/int8']} B vs fp32 "
+        f"{sizes[f'{base}/fp32']} B",
         flush=True,
     )
     failed = [f"{k} ({p['top1_agreement']:.4f})" for k, p in parity.items() if not p["passed"]]

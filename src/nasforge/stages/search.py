@@ -1,14 +1,20 @@
 """search: train a weight-sharing supernet, then search its subnets for the Pareto set.
 
+One body for every search space (``space.kind``, :mod:`nasforge.space.registry`): the space
+supplies the supernet, its training, the subnets with inherited weights, the teacher, the
+sampler's parameters and validity, a prior and the blocks of its latency tables
+(:class:`~nasforge.space.base.SearchSpace`); everything else is shared.
+
 Objectives (``search.objectives``, all minimised; :mod:`nasforge.search.objectives`): validation
 error of the subnet with inherited weights (after BN recalibration), latency of the deployed
 precision on every target (measured here or predicted from a profiled table for runtime targets,
 looked up for table targets, from a GPU node's table for GPU targets), memory, energy,
-parameters, MACs. ``search.constraints`` and the budgets are constraints of the study; degenerate
-cells (no input-to-output path) are never evaluated. The search is an Optuna study
-(:func:`nasforge.search.study.run_study`) whose sampler comes from
-:func:`nasforge.search.samplers.make_sampler` — the same strategy code as the tabular benchmark —
-kept in the stage's work folder, so a killed search resumes without re-evaluating trials.
+parameters, MACs. ``search.constraints`` and the budgets are constraints of the study; points the
+space calls invalid (cells without an input-to-output path) are never evaluated. The search is an
+Optuna study run by the one search driver (:func:`nasforge.search.driver.search_subnets`), whose
+sampler comes from :func:`nasforge.search.samplers.make_sampler` — the same strategy code as the
+tabular benchmark — kept in the stage's work folder, so a killed search resumes without
+re-evaluating trials.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from optuna.distributions import CategoricalDistribution
 
 from nasforge.atomic import save_safetensors
-from nasforge.checkpoint import checkpoint_for, current_work_dir
+from nasforge.checkpoint import current_work_dir
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
-from nasforge.hardware.spaces import CellBlockSpace
+from nasforge.errors import ConfigError, ModelFileError
+from nasforge.search.driver import search_subnets, select_candidates, skipped_trials
+from nasforge.search.objectives import column_kind
 from nasforge.search.setup import (
     SearchPredictor,
     deployed_precision,
@@ -34,84 +41,65 @@ from nasforge.search.setup import (
     resolve_targets,
     sampler_options,
 )
-from nasforge.search.study import (
-    finish_search,
-    pareto_fields,
-    run_study,
-    select_candidates,
-    skipped_trials,
-)
-from nasforge.search.subnet_metrics import SubnetMetrics
-from nasforge.space.cell import CellNetworkShape, is_connected
-from nasforge.space.nb201 import OPS, PARAM_NAMES, CellSpec, search_space
+from nasforge.search.subnet_metrics import SubnetEvaluator, SubnetMetrics
+from nasforge.space.base import SearchSpace
+from nasforge.space.registry import get_space, space_names
 from nasforge.stages import StageResult
-from nasforge.supernet.cell_supernet import (
-    LARGEST_SPEC,
-    CellSupernet,
-    recalibrate_bn,
-    train_supernet_uniform,
-)
-from nasforge.training import accuracy
-
-STUDY_NAME = "nasforge-search"
 
 
-def network_shape(
-    params: Params, input_shape: tuple[int, ...], num_classes: int
-) -> CellNetworkShape:
-    """The network shape the search space is built with."""
-    return CellNetworkShape(
-        in_channels=input_shape[0],
-        num_classes=num_classes,
-        channels=params.space.channels,
-        cells_per_stage=params.space.cells_per_stage,
-    )
+def check_prior(space: type[SearchSpace], prior: str) -> None:
+    """Refuse a ``search.prior`` the space cannot compute (one-line ConfigError)."""
+    if prior != "none" and prior not in space.priors:
+        able = [n for n in space_names() if prior in get_space(n).priors]
+        raise ConfigError(
+            f"search.prior '{prior}' steers the {' / '.join(able)} space only "
+            f"(space.kind: {' or '.join(able)})"
+        )
 
 
-def _connected(params: dict[str, Any]) -> bool:
-    return is_connected(CellSpec(tuple(params[n] for n in PARAM_NAMES)))
-
-
-def _describe_cell(p: dict[str, Any]) -> dict[str, Any]:
-    spec = CellSpec(tuple(p[n] for n in PARAM_NAMES))
-    return {"arch_str": spec.arch_str, "ops": list(spec.ops)}
+def check_targets(space: type[SearchSpace], targets: list[Any]) -> None:
+    """Refuse ``table:`` targets for a space they cannot look up (one-line ConfigError)."""
+    tables = [t.name for t in targets if t.kind == "table"]
+    if tables and not space.table_targets:
+        raise ConfigError(
+            f"target {tables[0]!r} looks latencies up by NB201 cell; the {space.name} space "
+            "needs runtime targets"
+        )
 
 
 def run(params: Params, dataset: Path, output: Path) -> StageResult:
-    """Train the supernet on ``dataset`` and write the Pareto candidates to ``output``.
+    """Train the supernet of ``params.space`` on ``dataset``; write the Pareto candidates.
 
-    ``space.kind: macro`` searches the macro elastic space instead (:func:`run_macro`).
+    Writes ``supernet.safetensors``, ``study.db``, ``pareto.json`` and ``history.json`` to
+    ``output``. Records and candidates carry the space's architecture fields
+    (:meth:`~nasforge.space.base.SearchSpace.spec_record`: ``arch_str``, plus e.g. ``ops`` or
+    ``spec``).
+
+    Raises:
+        ConfigError: the space cannot use the prior or the targets asked for, or no trial is
+            feasible.
+        TargetError: a target cannot be used or modelled here.
     """
-    if params.space.kind == "macro":
-        return run_macro(params, dataset, output)
     sp = params.search
+    space_type = get_space(params.space.kind)
+    check_prior(space_type, sp.prior)
     targets = resolve_targets(params.targets)
+    check_targets(space_type, targets)
     data = load_prepared(dataset)
     torch.manual_seed(params.run.seed)
-    shape = network_shape(params, data.input_shape, data.num_classes)
+    space = space_type.from_params(params.space, data.input_shape, data.num_classes)
     # Latency models first: a target that cannot be modelled fails before the supernet trains.
     precision = deployed_precision(params)
-    predictor = SearchPredictor(
-        targets, CellBlockSpace(shape, data.input_shape[1:]), params, precision
-    )
-    supernet = CellSupernet(shape)
+    predictor = SearchPredictor(targets, space.block_space(), params, precision)
+    # Seeded again, so the supernet starts the same whether latency tables had to be profiled.
+    torch.manual_seed(params.run.seed)
+    supernet = space.new_supernet()
     x_train, y_train = data.tensors("train")
     x_val, y_val = data.tensors("val")
 
     work = current_work_dir() or output
     t0 = time.perf_counter()
-    losses = train_supernet_uniform(
-        supernet,
-        x_train,
-        y_train,
-        epochs=sp.supernet_epochs,
-        batch_size=sp.batch_size,
-        lr=sp.lr,
-        weight_decay=sp.weight_decay,
-        seed=params.run.seed,
-        log_every=max(1, sp.supernet_epochs // 5),
-        checkpoint=checkpoint_for("supernet"),
-    )
+    trained = space.train_supernet(supernet, params, x_train, y_train)
     supernet_seconds = time.perf_counter() - t0
     output.mkdir(parents=True, exist_ok=True)
     save_safetensors(
@@ -123,48 +111,33 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
     measurer = SubnetMetrics(
         predictor, data.input_shape, precision, sp.latency_batch_size, params.run.threads
     )
-    nb, bs = sp.bn_recalibration_batches, sp.batch_size
-    calibration = [x_train[i * bs : (i + 1) * bs] for i in range(nb)]
-    cache: dict[str, dict[str, float]] = {}
-
-    def evaluate(p: dict[str, Any]) -> dict[str, float]:
-        spec = CellSpec(tuple(p[n] for n in PARAM_NAMES))
-        if spec.arch_str not in cache:
-            supernet.set_active_subnet(spec)
-            subnet = supernet.get_active_subnet()
-            if calibration:
-                recalibrate_bn(subnet, calibration)
-            acc = accuracy(subnet, x_val, y_val)
-            cache[spec.arch_str] = {
-                "val_error": 1.0 - acc,
-                "val_accuracy": acc,
-                **measurer.measure(subnet, spec, spec.arch_str),
-            }
-        return cache[spec.arch_str]
-
-    prior, darts = (
-        darts_prior(params, shape, x_train, y_train) if sp.prior == "darts" else (None, None)
+    evaluator = SubnetEvaluator(
+        space,
+        supernet,
+        x_train,
+        x_val,
+        y_val,
+        bn_batches=sp.bn_recalibration_batches,
+        batch_size=sp.batch_size,
+        metrics=measurer,
+    )
+    prior, prior_record = (
+        space.prior(sp.prior, params, x_train, y_train) if sp.prior != "none" else (None, None)
     )
     t1 = time.perf_counter()
     # The study lives in the work folder, which outlives a killed attempt: a rerun keeps every
     # finished trial. It is copied into the output when the search is done.
-    records = run_study(
-        evaluate,
+    storage = f"sqlite:///{work / 'study.db'}"
+    records = search_subnets(
+        evaluator,
         objectives=setup["objectives"],
-        distributions={n: CategoricalDistribution(list(OPS)) for n in PARAM_NAMES},
         strategy=sp.strategy,
         seed=params.run.seed,
         trials=sp.trials,
-        storage=f"sqlite:///{work / 'study.db'}",
-        study_name=STUDY_NAME,
+        storage=storage,
         constraints=setup["constraints"],
-        is_valid=_connected,
-        search_space=search_space(),
         prior=prior,
         sampler_options=sampler_options(params),
-        # The largest subnet is the distillation teacher; evaluating it first anchors the front.
-        first=dict(zip(PARAM_NAMES, LARGEST_SPEC.ops, strict=True)),
-        describe=_describe_cell,
         progress=lambda msg: print(f"  {msg}", flush=True),
     )
     search_seconds = time.perf_counter() - t1
@@ -178,90 +151,92 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
         setup["constraints"],
     )
     pareto = {
-        "space": "cell",
-        "shape": shape.to_dict(),
-        "teacher": {"arch_str": LARGEST_SPEC.arch_str},
+        "space": space.name,
+        **space.pareto_fields(),
+        **trained.fields,
+        "teacher": space.spec_record(space.teacher()),
         "targets": [t.describe() for t in targets],
         "latency_sources": predictor.describe(),
         **pareto_fields(setup, measurer, precision, records, candidates),
-        "skipped_degenerate": skipped_trials(f"sqlite:///{work / 'study.db'}", STUDY_NAME),
-        "prior": darts,
+        "skipped_degenerate": skipped_trials(storage, space.study_name),
+        "prior": prior_record,
     }
     return finish_search(
         output,
         pareto,
         records,
-        losses,
+        trained.losses,
         sp.strategy,
         supernet_seconds=supernet_seconds,
         search_seconds=search_seconds,
-        unique_subnets=len(cache),
+        unique_subnets=len(evaluator.cache),
+        tags={"space": space.name},
     )
 
 
-def run_macro(params: Params, dataset: Path, output: Path) -> StageResult:
-    """The search stage over the macro elastic space (MobileNetV2 / Once-for-All style).
-
-    Progressive shrinking of a :class:`~nasforge.supernet.macro_supernet.MacroSupernet`, then
-    the same strategies and Optuna study as the cell search
-    (:func:`nasforge.supernet.macro_search.run_macro_search`), with the same objectives,
-    constraints and targets (:mod:`nasforge.search.setup`).
-
-    Raises:
-        ConfigError: a DARTS prior (cell space only) or a table target (its CSV is keyed by
-            NB201 cells) was asked for.
-    """
-    from nasforge.errors import ConfigError
-    from nasforge.supernet.macro_search import run_macro_search
-
-    sp = params.search
-    if sp.prior != "none":
-        raise ConfigError(
-            f"search.prior '{sp.prior}' steers the cell space only (space.kind: cell)"
-        )
-    targets = resolve_targets(params.targets)
-    tables = [t.name for t in targets if t.kind == "table"]
-    if tables:
-        raise ConfigError(
-            f"target {tables[0]!r} looks latencies up by NB201 cell; the macro space needs "
-            "runtime targets"
-        )
-    return run_macro_search(params, dataset, output)
-
-
-def darts_prior(
-    params: Params, shape: CellNetworkShape, x: torch.Tensor, y: torch.Tensor
-) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """Run DARTS (first order, anti-collapse on) and return its op probabilities as a prior.
-
-    Returns:
-        The prior ``{edge: {op: probability}}`` for the hybrid sampler, and a JSON record of the
-        run (derived cell, its share of parameter-free ops, per-edge probabilities, seconds).
-    """
-    from nasforge.supernet.darts import op_prior, param_free_share, run_darts
-
-    sp = params.search
-    t0 = time.perf_counter()
-    result = run_darts(
-        x, y, shape, epochs=sp.darts_epochs, seed=params.run.seed, batch_size=sp.batch_size
-    )
-    prior = op_prior(result.alpha)
-    record = {
-        "kind": "darts",
-        "epochs": sp.darts_epochs,
-        "derived_arch_str": result.spec.arch_str,
-        "param_free_share": param_free_share(result.spec),
-        "op_probabilities": prior,
-        "seconds": time.perf_counter() - t0,
+def pareto_fields(
+    setup: dict[str, Any],
+    measurer: Any,
+    precision: str,
+    records: list[dict[str, Any]],
+    candidates: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The ``pareto.json`` fields of the study: objectives, constraints, candidates, front."""
+    objectives = setup["objectives"]
+    return {
+        "objectives": objectives,
+        "objective_kinds": {n: column_kind(n) for n in objectives},
+        "metric_sources": measurer.sources(),
+        "precision": precision,
+        "constraints": [c.as_dict() for c in setup["constraints"]],
+        "notes": setup["notes"],
+        "feasible_trials": sum(1 for r in records if r["feasible"]),
+        "candidates": [{"id": f"cand-{i}", **c} for i, c in enumerate(candidates)],
+        "front": [r for r in records if r["rank"] == 0],
+        "energy": "per target, see metric_sources (measured where a meter is readable, else estimated)",
     }
-    print(f"  DARTS prior ({sp.darts_epochs} epochs): derived {result.spec.arch_str}", flush=True)
-    return prior, record
+
+
+def finish_search(
+    output: Path,
+    pareto: dict[str, Any],
+    records: list[dict[str, Any]],
+    losses: Any,
+    strategy: str,
+    *,
+    supernet_seconds: float,
+    search_seconds: float,
+    unique_subnets: int,
+    tags: dict[str, str] | None = None,
+) -> StageResult:
+    """Write ``pareto.json`` and ``history.json`` and summarize the search."""
+    (output / "pareto.json").write_text(json.dumps(pareto, indent=2))
+    (output / "history.json").write_text(
+        json.dumps({"supernet_loss": losses, "trials": records, "strategy": strategy}, indent=2)
+    )
+    best = min(records, key=lambda r: r["objectives"]["val_error"])
+    print(
+        f"  Pareto front: {len(pareto['front'])} subnets; {len(pareto['candidates'])} candidates",
+        flush=True,
+    )
+    return StageResult(
+        metrics={
+            "supernet_seconds": supernet_seconds,
+            "search_seconds": search_seconds,
+            "trials": len(records),
+            "unique_subnets": unique_subnets,
+            "front_size": len(pareto["front"]),
+            "candidates": len(pareto["candidates"]),
+            "best_val_accuracy": 1.0 - best["objectives"]["val_error"],
+        },
+        tags={"strategy": strategy, "best_arch_str": best["arch_str"], **(tags or {})},
+        model_dir=output,
+        artifacts=[output / "pareto.json", output / "history.json"],
+    )
 
 
 def load_pareto(search_dir: Path) -> dict[str, Any]:
     """Read ``pareto.json`` written by :func:`run`."""
-    from nasforge.errors import ModelFileError
-
     f = Path(search_dir) / "pareto.json"
     if not f.is_file():
         raise ModelFileError(f"not a search output (no pareto.json): {search_dir}")

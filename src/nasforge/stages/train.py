@@ -1,22 +1,20 @@
 """train: fine-tune one Pareto candidate from inherited supernet weights, distilling from the
 largest subnet (logit KD, Hinton et al. 2015).
 
-Both search spaces: a cell candidate carries its NB201 ``arch_str``, a macro candidate
-(``pareto.json`` with ``space: macro``) its :class:`~nasforge.space.macro.MacroSpec` as
-``spec``; either way the subnet and the teacher are cut from the trained supernet with
-recalibrated BatchNorm and fine-tuned by the same ``fit`` (or BO tuning) loop.
+Every search space alike (:mod:`nasforge.space.registry`, the space ``pareto.json`` names): the
+candidate's architecture is read from its record
+(:meth:`~nasforge.space.base.SearchSpace.spec_from_record`), the subnet and the teacher are cut
+from the trained supernet with recalibrated BatchNorm and fine-tuned by the same ``fit`` (or BO
+tuning) loop, and ``model.json`` gets the space's architecture fields.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from nasforge.checkpoint import EpochCheckpoint, checkpoint_for
 from nasforge.config import Params
@@ -24,27 +22,11 @@ from nasforge.data.prepared import load_prepared
 from nasforge.errors import ConfigError, ModelFileError
 from nasforge.models import save_model
 from nasforge.search.hparams import tune
-from nasforge.space.cell import CellNetworkShape, count_parameters
-from nasforge.space.nb201 import CellSpec
+from nasforge.space.cell import count_parameters
+from nasforge.space.registry import space_of
 from nasforge.stages import StageResult
 from nasforge.stages.search import load_pareto
-from nasforge.supernet.cell_supernet import LARGEST_SPEC, CellSupernet, recalibrate_bn
-from nasforge.training import accuracy, fit
-
-
-def load_supernet(search_dir: Path, shape: CellNetworkShape) -> CellSupernet:
-    """Rebuild the trained supernet saved by the search stage."""
-    f = Path(search_dir) / "supernet.safetensors"
-    try:
-        state = load_file(str(f))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ModelFileError(f"corrupt or missing supernet weights {f}: {err}") from None
-    supernet = CellSupernet(shape)
-    try:
-        supernet.load_state_dict(state)
-    except RuntimeError as err:
-        raise ModelFileError(f"supernet weights {f} do not match the search space: {err}") from None
-    return supernet
+from nasforge.training import accuracy, fit, recalibrate_bn
 
 
 def _calibration_batches(x_train: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -58,9 +40,7 @@ def extract(
 ) -> torch.nn.Module:
     """Standalone subnet with inherited weights and recalibrated BatchNorm.
 
-    Works for a :class:`CellSupernet` with a :class:`CellSpec` and for a
-    :class:`~nasforge.supernet.macro_supernet.MacroSupernet` with a
-    :class:`~nasforge.space.macro.MacroSpec` (both follow OFA's ``set_active_subnet`` /
+    Works for the supernet of every search space (they follow OFA's ``set_active_subnet`` /
     ``get_active_subnet``).
     """
     supernet.set_active_subnet(spec)
@@ -69,44 +49,33 @@ def extract(
     return subnet
 
 
-def _cell_networks(
-    pareto: dict[str, Any], cand: dict[str, Any], search: Path, x_train: torch.Tensor, bs: int
+def networks(
+    pareto: dict[str, Any],
+    cand: dict[str, Any],
+    search: Path,
+    x_train: torch.Tensor,
+    input_shape: tuple[int, ...],
+    batch_size: int,
 ) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
-    """(teacher, student, architecture fields of model.json) for a cell-space candidate."""
-    shape = CellNetworkShape(**pareto["shape"])
-    supernet = load_supernet(search, shape)
-    spec = CellSpec.from_arch_str(cand["arch_str"])
-    teacher = extract(supernet, LARGEST_SPEC, x_train, bs)
-    student = extract(supernet, spec, x_train, bs)
-    return teacher, student, {"space": "cell", "arch_str": spec.arch_str, "shape": shape.to_dict()}
+    """(teacher, student, architecture fields of model.json) of a candidate of ``search``.
 
-
-def _macro_networks(
-    pareto: dict[str, Any], cand: dict[str, Any], search: Path, x_train: torch.Tensor, bs: int
-) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
-    """(teacher, student, architecture fields of model.json) for a macro-space candidate; the
-    teacher is the largest spec of the searched part of the space."""
-    from nasforge.space.macro import MacroSpec
-    from nasforge.supernet.macro_search import load_macro_supernet, macro_arch_str
-
-    shape = {
-        "in_channels": int(pareto["input_shape"][0]),
-        "num_classes": int(pareto["num_classes"]),
-    }
-    supernet = load_macro_supernet(search, shape["in_channels"], shape["num_classes"])
-    if "spec" not in cand:
-        raise ModelFileError(f"macro candidate {cand.get('id')} in {search} has no spec")
-    spec = MacroSpec.from_json(json.dumps(cand["spec"]))
-    teacher_spec = MacroSpec.from_json(json.dumps(pareto["teacher"]["spec"]))
-    teacher = extract(supernet, teacher_spec, x_train, bs)
-    student = extract(supernet, spec, x_train, bs)
-    arch = {
-        "space": "macro",
-        "arch_str": macro_arch_str(spec),
-        "spec": json.loads(spec.to_json()),
-        "shape": shape,
-    }
-    return teacher, student, arch
+    Raises:
+        ModelFileError: the search output names an unknown space, or lacks the candidate's or
+            the teacher's architecture.
+    """
+    try:
+        space = space_of(pareto).from_pareto(pareto, input_shape)
+    except ConfigError as err:
+        raise ModelFileError(f"{search}: {err}") from None
+    supernet = space.load_supernet(search)
+    try:
+        spec = space.spec_from_record(cand)
+        teacher_spec = space.spec_from_record(pareto["teacher"])
+    except (KeyError, ModelFileError) as err:
+        raise ModelFileError(f"candidate {cand.get('id')} in {search}: {err}") from None
+    teacher = extract(supernet, teacher_spec, x_train, batch_size)
+    student = extract(supernet, spec, x_train, batch_size)
+    return teacher, student, {"space": space.name, **space.model_fields(spec)}
 
 
 def run(params: Params, dataset: Path, search: Path, candidate: int, output: Path) -> StageResult:
@@ -121,8 +90,9 @@ def run(params: Params, dataset: Path, search: Path, candidate: int, output: Pat
     x_train, y_train = data.tensors("train")
     x_val, y_val = data.tensors("val")
     x_test, y_test = data.tensors("test")
-    networks = _macro_networks if pareto.get("space") == "macro" else _cell_networks
-    teacher, student, arch = networks(pareto, cand, search, x_train, tp.batch_size)
+    teacher, student, arch = networks(
+        pareto, cand, search, x_train, data.input_shape, tp.batch_size
+    )
     inherited_acc = accuracy(student, x_val, y_val)
     teacher_acc = accuracy(teacher, x_val, y_val)
     torch.manual_seed(params.run.seed)

@@ -11,16 +11,22 @@ supernet's running statistics mix all paths and misjudge any single one.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
 
 import numpy as np
 import torch
 
-from nasforge import progress
 from nasforge.checkpoint import EpochCheckpoint
 from nasforge.space.cell import CellNetwork, CellNetworkShape, build_cell_network, effective_ops
 from nasforge.space.nb201 import EDGES, OPS, CellSpec
-from nasforge.training import iterate_minibatches
+from nasforge.training import (
+    iterate_minibatches,
+    recalibrate_bn,
+    sgd_one_cycle,
+    steps_per_epoch,
+    train_loop,
+)
+
+__all__ = ["LARGEST_SPEC", "CellSupernet", "recalibrate_bn", "train_supernet_uniform"]
 
 LARGEST_SPEC = CellSpec(("nor_conv_3x3",) * len(EDGES))
 """The subnet with the most parameters and FLOPs: the distillation teacher."""
@@ -52,32 +58,6 @@ class CellSupernet(CellNetwork):
         return CellSpec(tuple(rng.choice(OPS) for _ in EDGES))
 
 
-@torch.no_grad()
-def recalibrate_bn(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """Re-estimate BatchNorm running statistics of ``model`` from ``batches``.
-
-    Uses a cumulative average (momentum None) so the result does not depend on batch order.
-    """
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    saved = [(m.momentum, m.training) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    was_training = model.training
-    model.train()
-    seen = False
-    for xb in batches:
-        model(xb)
-        seen = True
-    for m, (momentum, _) in zip(bns, saved, strict=True):
-        m.momentum = momentum
-    model.train(was_training)
-    if not seen:
-        raise ValueError("BN recalibration needs at least one batch")
-
-
 def train_supernet_uniform(
     supernet: CellSupernet,
     x: torch.Tensor,
@@ -101,34 +81,40 @@ def train_supernet_uniform(
     """
     rng = random.Random(seed)
     np_rng = np.random.default_rng(seed)
-    opt = torch.optim.SGD(
-        supernet.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True
+    opt, sched = sgd_one_cycle(
+        supernet.parameters(),
+        lr=lr,
+        weight_decay=weight_decay,
+        total_steps=epochs * steps_per_epoch(len(x), batch_size),
+        pct_start=0.15,
     )
-    steps = epochs * max(1, (len(x) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.05)
-    history: list[float] = []
-    first = 0
-    if checkpoint is not None:
-        first, history, _ = checkpoint.resume(supernet, opt, sched, py_rng=rng, np_rng=np_rng)
-    supernet.train()
-    for epoch in range(first, epochs):
-        total, n = 0.0, 0
-        for xb, yb in iterate_minibatches(x, y, batch_size, np_rng):
-            supernet.set_active_subnet(CellSupernet.sample_spec(rng))
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(supernet(xb), yb)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(supernet.parameters(), 5.0)
-            opt.step()
-            sched.step()
-            total += loss.item() * len(xb)
-            n += len(xb)
-        history.append(total / max(n, 1))
-        if checkpoint is not None:
-            checkpoint.save(epoch, supernet, opt, sched, history, py_rng=rng, np_rng=np_rng)
-        progress.step("supernet epoch", epoch + 1, epochs, echo=False, loss=history[-1])
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        xb, yb = batch
+        supernet.set_active_subnet(CellSupernet.sample_spec(rng))
+        loss = loss_fn(supernet(xb), yb)
+        loss.backward()
+        return loss
+
+    def after_epoch(epoch: int, losses: dict[str, float]) -> None:
         if log_every and (epoch + 1) % log_every == 0:
-            print(f"  supernet epoch {epoch + 1}/{epochs} loss {history[-1]:.4f}", flush=True)
+            print(f"  supernet epoch {epoch + 1}/{epochs} loss {losses['loss']:.4f}", flush=True)
+
+    history = train_loop(
+        supernet,
+        opt,
+        step,
+        lambda _: iterate_minibatches(x, y, batch_size, np_rng),
+        epochs=epochs,
+        scheduler=sched,
+        clip_grad_norm=5.0,
+        checkpoint=checkpoint,
+        py_rng=rng,
+        np_rng=np_rng,
+        after_epoch=after_epoch,
+        progress_kind="supernet epoch",
+        echo=False,
+    )
     supernet.set_active_subnet(LARGEST_SPEC)
     return history

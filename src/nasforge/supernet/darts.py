@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,7 +63,7 @@ from torch import nn
 from nasforge.errors import ConfigError
 from nasforge.space.cell import Cell, CellNetwork, CellNetworkShape
 from nasforge.space.nb201 import EDGES, N_NODES, OPS, PARAM_NAMES, CellSpec
-from nasforge.training import accuracy, iterate_minibatches
+from nasforge.training import accuracy, iterate_minibatches, steps_per_epoch, train_loop
 
 PARAMETER_FREE_OPS: tuple[str, ...] = ("none", "skip_connect", "avg_pool_3x3")
 """Ops without weights; DARTS collapses towards these (mostly ``skip_connect``)."""
@@ -356,68 +356,70 @@ def run_darts(
     model = DartsNetwork(shape)
     weights = model.weight_parameters()
     w_opt = torch.optim.SGD(weights, lr=w_lr, momentum=w_momentum, weight_decay=w_weight_decay)
-    steps = epochs * max(1, math.ceil(len(xt) / batch_size))
+    steps = epochs * steps_per_epoch(len(xt), batch_size)
     w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=steps, eta_min=w_lr * 0.04)
     a_opt = torch.optim.Adam(
         [model.alpha], lr=alpha_lr, betas=(0.5, 0.999), weight_decay=alpha_weight_decay
     )
     history: list[dict] = []
     start = time.perf_counter()
-    step, out_of_time = 0, False
-    for epoch in range(epochs):
-        model.train()
+    taken, out_of_time = 0, False
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """A weight batch and an alpha batch per step (the alpha half is cycled through)."""
+        nonlocal out_of_time
         val_batches = iterate_minibatches(xv, yv, batch_size, rng)
-        total_w, total_a, n = 0.0, 0.0, 0
         for xb, yb in iterate_minibatches(xt, yt, batch_size, rng):
-            elapsed = time.perf_counter() - start
-            if time_budget_s is not None and elapsed > time_budget_s:
+            if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
                 out_of_time = True
-                break
-            # Progress counts steps, or time when a time box would end the search first, so
-            # beta reaches 0 in the last steps either way.
-            progress = step / max(1, steps - 1)
-            if time_budget_s is not None:
-                progress = max(progress, elapsed / (0.9 * time_budget_s))
-            model.aux_skip_beta = aux_skip_beta(progress) if anti_collapse else 0.0
-            step += 1
-            try:
-                vb = next(val_batches)
-            except StopIteration:
+                return
+            vb = next(val_batches, None)
+            if vb is None:
                 val_batches = iterate_minibatches(xv, yv, batch_size, rng)
                 vb = next(val_batches)
-            # Architecture step (none during warm-up).
-            a_opt.zero_grad(set_to_none=True)
-            if progress < warmup:
-                with torch.no_grad():
-                    loss_a = _loss(model, *vb)
-            elif order == 1:
-                loss_a = _loss(model, *vb)
-                (grad_a,) = torch.autograd.grad(loss_a, [model.alpha])
-            else:
-                xi = w_sched.get_last_lr()[0]
-                grad_a = _second_order_alpha_grad(model, weights, (xb, yb), vb, xi, w_weight_decay)
-                with torch.no_grad():
-                    loss_a = _loss(model, *vb)
-            if progress >= warmup:
-                model.alpha.grad = grad_a
-                a_opt.step()
-            # Weight step.
-            w_opt.zero_grad(set_to_none=True)
-            loss_w = _loss(model, xb, yb)
-            grads = torch.autograd.grad(loss_w, weights, allow_unused=True)
-            for w, g in zip(weights, grads, strict=True):
-                w.grad = g
-            nn.utils.clip_grad_norm_(weights, grad_clip)
-            w_opt.step()
-            w_sched.step()
-            total_w += loss_w.item() * len(xb)
-            total_a += loss_a.item() * len(xb)
-            n += len(xb)
+            yield xb, yb, *vb
+
+    def step(batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        nonlocal taken
+        xb, yb, xa, ya = batch
+        # Progress counts steps, or time when a time box would end the search first, so beta
+        # reaches 0 in the last steps either way.
+        done = taken / max(1, steps - 1)
+        if time_budget_s is not None:
+            done = max(done, (time.perf_counter() - start) / (0.9 * time_budget_s))
+        model.aux_skip_beta = aux_skip_beta(done) if anti_collapse else 0.0
+        taken += 1
+        # Architecture step (none during warm-up).
+        a_opt.zero_grad(set_to_none=True)
+        if done < warmup:
+            with torch.no_grad():
+                loss_a = _loss(model, xa, ya)
+        elif order == 1:
+            loss_a = _loss(model, xa, ya)
+            (grad_a,) = torch.autograd.grad(loss_a, [model.alpha])
+        else:
+            xi = w_sched.get_last_lr()[0]
+            grad_a = _second_order_alpha_grad(
+                model, weights, (xb, yb), (xa, ya), xi, w_weight_decay
+            )
+            with torch.no_grad():
+                loss_a = _loss(model, xa, ya)
+        if done >= warmup:
+            model.alpha.grad = grad_a
+            a_opt.step()
+        # Weight step: gradients of the weights only (the loop clips and steps them).
+        loss_w = _loss(model, xb, yb)
+        grads = torch.autograd.grad(loss_w, weights, allow_unused=True)
+        for w, g in zip(weights, grads, strict=True):
+            w.grad = g
+        return {"loss": loss_w, "val_loss": loss_a}
+
+    def after_epoch(epoch: int, losses: dict[str, float]) -> bool:
         spec = derive_spec(model.alpha, exclude_none=anti_collapse)
         record = {
             "epoch": epoch + 1,
-            "train_loss": total_w / max(n, 1),
-            "val_loss": total_a / max(n, 1),
+            "train_loss": losses["loss"],
+            "val_loss": losses.get("val_loss", 0.0),
             "beta": model.aux_skip_beta,
             "arch_str": spec.arch_str,
             "param_free_share": param_free_share(spec),
@@ -426,8 +428,19 @@ def run_darts(
         if x_eval is not None and y_eval is not None:
             record["supernet_eval_acc"] = accuracy(model, x_eval, y_eval)
         history.append(record)
-        if out_of_time:
-            break
+        return out_of_time
+
+    train_loop(
+        model,
+        w_opt,
+        step,
+        batches,
+        epochs=epochs,
+        scheduler=w_sched,
+        clip_grad_norm=grad_clip,
+        after_epoch=after_epoch,
+        progress_kind=None,
+    )
     alpha = model.alpha.detach().clone()
     model.aux_skip_beta = 0.0
     argmax_spec = derive_spec(alpha, exclude_none=anti_collapse)

@@ -25,9 +25,8 @@ largest's logits).
 
 from __future__ import annotations
 
-import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nasforge import progress
+from nasforge.checkpoint import EpochCheckpoint
 from nasforge.errors import ConfigError
 from nasforge.space.macro import (
     DEPTHS,
@@ -50,8 +49,15 @@ from nasforge.space.macro import (
     MacroSpec,
     stage_channels,
 )
-from nasforge.supernet.cell_supernet import recalibrate_bn
-from nasforge.training import accuracy, iterate_minibatches, kd_loss
+from nasforge.training import (
+    accuracy,
+    iterate_minibatches,
+    kd_loss,
+    recalibrate_bn,
+    sgd_one_cycle,
+    steps_per_epoch,
+    train_loop,
+)
 
 __all__ = [
     "DEFAULT_PHASES",
@@ -467,13 +473,15 @@ def train_sandwich(
     label_smoothing: float = 0.1,
     seed: int = 0,
     log_every: int = 0,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> list[float]:
     """Train ``supernet`` for ``epochs`` with the sandwich rule over ``choices``.
 
     Each step accumulates the gradients of the largest subnet of ``choices`` (cross-entropy on the
     labels), its smallest subnet and ``n_random`` uniformly drawn ones (in-place distillation
     from the largest's detached logits, :func:`nasforge.training.kd_loss`), then takes one SGD
-    step. When ``choices`` holds a single spec only that spec is trained.
+    step. When ``choices`` holds a single spec only that spec is trained. With ``checkpoint``, a
+    rerun continues after the last finished epoch (same batches and subnets).
 
     Returns:
         Mean loss of the largest subnet per epoch.
@@ -484,43 +492,54 @@ def train_sandwich(
         raise ConfigError(f"n_random must be >= 0, got {n_random}")
     rng = random.Random(seed)
     np_rng = np.random.default_rng(seed)
-    opt = torch.optim.SGD(_param_groups(supernet, weight_decay), lr=lr, momentum=0.9, nesterov=True)
-    steps = epochs * max(1, math.ceil(len(x) / batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    opt, sched = sgd_one_cycle(
+        _param_groups(supernet, weight_decay),
+        lr=lr,
+        weight_decay=0.0,
+        total_steps=epochs * steps_per_epoch(len(x), batch_size),
+        pct_start=0.15,
+    )
     largest, smallest = choices.largest(), choices.smallest()
     single = largest == smallest
-    history = []
-    supernet.train()
-    for epoch in range(epochs):
-        total, n = 0.0, 0
-        for xb, yb in iterate_minibatches(x, y, batch_size, np_rng):
-            opt.zero_grad(set_to_none=True)
-            supernet.set_active_subnet(largest)
-            logits = supernet(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=label_smoothing)
-            loss.backward()
-            if not single:
-                teacher = logits.detach()
-                students = [smallest] + [choices.sample(rng) for _ in range(n_random)]
-                for spec in students:
-                    supernet.set_active_subnet(spec)
-                    kd = kd_loss(
-                        supernet(xb), teacher, yb, kd_temperature, kd_alpha, label_smoothing
-                    )
-                    kd.backward()
-            nn.utils.clip_grad_norm_(supernet.parameters(), 5.0)
-            opt.step()
-            sched.step()
-            total += loss.item() * len(xb)
-            n += len(xb)
-        history.append(total / max(n, 1))
-        progress.step("supernet epoch", epoch + 1, epochs, echo=False, loss=history[-1])
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        xb, yb = batch
+        supernet.set_active_subnet(largest)
+        logits = supernet(xb)
+        loss = F.cross_entropy(logits, yb, label_smoothing=label_smoothing)
+        loss.backward()
+        if not single:
+            teacher = logits.detach()
+            for spec in [smallest] + [choices.sample(rng) for _ in range(n_random)]:
+                supernet.set_active_subnet(spec)
+                kd_loss(
+                    supernet(xb), teacher, yb, kd_temperature, kd_alpha, label_smoothing
+                ).backward()
+        return loss
+
+    def after_epoch(epoch: int, losses: dict[str, float]) -> None:
         if log_every and (epoch + 1) % log_every == 0:
             print(
                 f"  macro supernet [{choices.name}] epoch {epoch + 1}/{epochs} "
-                f"loss {history[-1]:.4f}",
+                f"loss {losses['loss']:.4f}",
                 flush=True,
             )
+
+    history = train_loop(
+        supernet,
+        opt,
+        step,
+        lambda _: iterate_minibatches(x, y, batch_size, np_rng),
+        epochs=epochs,
+        scheduler=sched,
+        clip_grad_norm=5.0,
+        checkpoint=checkpoint,
+        py_rng=rng,
+        np_rng=np_rng,
+        after_epoch=after_epoch,
+        progress_kind="supernet epoch",
+        echo=False,
+    )
     supernet.set_active_subnet(supernet.largest_spec())
     return history
 
@@ -538,6 +557,7 @@ def train_progressive(
     n_random: int = 2,
     seed: int = 0,
     log_every: int = 0,
+    checkpoints: Callable[[str], EpochCheckpoint | None] | None = None,
 ) -> dict[str, list[float]]:
     """Progressive shrinking: train each phase in turn with :func:`train_sandwich`.
 
@@ -557,6 +577,9 @@ def train_progressive(
         n_random: Random subnets per step besides the largest and smallest.
         seed: Random seed.
         log_every: Print the loss every this many epochs (0: silent).
+        checkpoints: Gives each phase its epoch checkpoint, called with
+            ``"supernet-<phase name>"`` (e.g. :func:`nasforge.checkpoint.checkpoint_for`); a
+            rerun then continues after the last finished epoch of the last phase it reached.
 
     Returns:
         ``{phase name: mean loss of the largest subnet per epoch}``.
@@ -591,6 +614,7 @@ def train_progressive(
             n_random=n_random,
             seed=seed + k,
             log_every=log_every,
+            checkpoint=checkpoints(f"supernet-{phase.name}") if checkpoints else None,
         )
     return history
 

@@ -49,7 +49,7 @@ class GateSettings:
         latency_floor_ms: Absolute latency difference below which the two are tied.
         rounds: Interleaved timing rounds (one paired sample of the ratio each).
         repeats: Timed runs per model per round (the round's value is their median).
-        warmup: Untimed runs per model before the first round.
+        warmup: Untimed runs per model in each round (every round opens fresh sessions).
         confidence: Confidence level of the bootstrap intervals.
         threads: Runtime threads for the timing sessions (``run.threads``).
     """

@@ -51,7 +51,8 @@ class ModelFiles:
 
 
 def model_files_for(folder: Path, runtime: str) -> ModelFiles:
-    """Split a benchmark ``model/<precision>/`` folder into flavour, runtime file and extras.
+    """Split a benchmark ``model/<precision>/`` folder into flavour, runtime file and extras
+    (the runtime file is the one the runtime loads, by its preferred suffixes).
 
     Raises:
         ModelFileError: No ONNX graph in the folder, or no file the runtime can load.
@@ -66,8 +67,9 @@ def model_files_for(folder: Path, runtime: str) -> ModelFiles:
             f"{folder} has no ONNX graph to register as an MLflow model (benchmark output from "
             "before ONNX was kept beside the runtime's files? run the benchmark stage again)"
         )
-    xml = [p for p in files if p.suffix == ".xml"]
-    runtime_file = xml[0] if runtime == "openvino" and xml else onnx_files[0]
+    from nasforge.runtimes.registry import get_runtime
+
+    runtime_file = get_runtime(runtime).pick_file(files) or onnx_files[0]
     extras = tuple(p for p in files if p != onnx_files[0])
     return ModelFiles(onnx_files[0], runtime_file, extras)
 
@@ -227,15 +229,17 @@ def download_version(uri: str, model_name: str, version: str, dest: Path) -> Pat
 def runtime_file_in(local: Path, runtime: str) -> Path | None:
     """The file a runtime loads from a downloaded version (MLflow model or a plain folder).
 
-    OpenVINO prefers its IR (in ``extra_files/`` of an MLflow model) and reads ONNX otherwise;
-    ONNX Runtime reads the flavour's ``model.onnx`` (or the one ``.onnx`` of a plain folder).
+    By the runtime's preferred suffixes: OpenVINO its IR (in ``extra_files/`` of an MLflow
+    model) else ONNX, ExecuTorch its ``.pte``; an ONNX graph is the flavour's ``model.onnx`` (or
+    the one ``.onnx`` of a plain folder).
     """
+    from nasforge.runtimes.registry import get_runtime
+
     local = Path(local)
-    if runtime == "openvino":
-        xml = sorted(local.rglob("*.xml"))
-        if xml:
-            return xml[0]
-    if (local / MODEL_ONNX).is_file():
-        return local / MODEL_ONNX
-    onnx_files = sorted(local.rglob("*.onnx"))
-    return onnx_files[0] if onnx_files else None
+    for suffix in get_runtime(runtime).suffixes:
+        if suffix == ".onnx" and (local / MODEL_ONNX).is_file():
+            return local / MODEL_ONNX
+        found = sorted(local.rglob(f"*{suffix}"))
+        if found:
+            return found[0]
+    return None

@@ -503,6 +503,7 @@ def register_and_promote(
         TrackingError: The tracking store cannot be used.
     """
     from nasforge.hardware.targets import get_target
+    from nasforge.runtimes.registry import BASE_RUNTIME
     from nasforge.tracking.mlflow_model import content_sha256, log_onnx_model, model_files_for
 
     settings = dataclasses.replace(
@@ -512,7 +513,7 @@ def register_and_promote(
     c = client(uri)
     alias = alias_for(challenger.target)
     t = get_target(challenger.target)
-    files = model_files_for(challenger.files, t.runtime if t.kind == "runtime" else "onnxruntime")
+    files = model_files_for(challenger.files, t.runtime if t.kind == "runtime" else BASE_RUNTIME)
     sha = content_sha256(challenger.files)
     _ensure_registered_model(c, model_name, challenger.target)
     mvs = _versions(c, model_name)

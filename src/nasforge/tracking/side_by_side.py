@@ -1,12 +1,19 @@
 """Time the champion and the challenger side by side, in this process, on the target's runtime.
 
-Both models get a session from the one measurement harness (:func:`nasforge.bench.harness.
+Both models get sessions from the one measurement harness (:func:`nasforge.bench.harness.
 open_session`: fixed threads, OpenVINO pinned to f32) and are timed by the latency tables'
-interleaved-rounds timer (:func:`nasforge.hardware.latency_table.time_interleaved`): each round
+interleaved-rounds timer (:func:`nasforge.hardware.profiling.time_interleaved`): each round
 times each model ``repeats`` times after one untimed run and keeps the median, so load from other
 processes falls on both models alike. The order of the two alternates between rounds, so neither
 always runs first. The per-round values are the paired samples the gate's confidence intervals
 are computed from (:func:`nasforge.tracking.gate.compare_rounds`).
+
+Both sessions are opened anew every round (in the round's order). A session keeps its runtime
+threads for its life, and on a loaded machine where those threads landed decides its speed: in CI
+(two test workers on two cores) one of two byte-identical models measured 1.86x slower than the
+other over all 20 rounds, with a tight interval. Fresh sessions turn that lasting placement into
+per-round noise, which the bootstrap interval then shows as a wider interval instead of a false
+verdict.
 """
 
 from __future__ import annotations
@@ -63,24 +70,19 @@ def time_side_by_side(
         TargetError: The target cannot run models here (see :func:`timing_problem`).
     """
     from nasforge.bench.harness import open_session, time_session
-    from nasforge.hardware.latency_table import time_interleaved
+    from nasforge.hardware.profiling import time_interleaved
 
     threads = settings.threads
-    sessions = {
-        CHAMPION: open_session(champion, target, batch_size=1, threads=threads),
-        CHALLENGER: open_session(challenger, target, batch_size=1, threads=threads),
-    }
-    for s in sessions.values():
-        time_session(s, warmup=settings.warmup, repeats=1)
+    paths = {CHAMPION: champion, CHALLENGER: challenger}
     rounds: dict[str, list[float]] = {}
+    sessions: dict[str, Any] = {}
     for i in range(settings.rounds):
         order = [CHAMPION, CHALLENGER] if i % 2 == 0 else [CHALLENGER, CHAMPION]
+        sessions = {k: open_session(paths[k], target, batch_size=1, threads=threads) for k in order}
+        for s in sessions.values():
+            time_session(s, warmup=settings.warmup, repeats=1)
         time_interleaved(
-            {k: sessions[k] for k in order},
-            warmup=0,
-            repeats=settings.repeats,
-            rounds=1,
-            round_values=rounds,
+            sessions, warmup=0, repeats=settings.repeats, rounds=1, round_values=rounds
         )
     return {
         CHAMPION: rounds[CHAMPION],
