@@ -125,6 +125,7 @@ def prepare(models: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Train and export the served models into ``models``; return ``models.json``."""
     import torch
 
+    from nasforge.artifacts.benchmark_report import BenchmarkReport
     from nasforge.compress.prune import count_macs_params
     from nasforge.data.prepared import load_prepared, save_prepared, split_raw
     from nasforge.data.sources import load_source
@@ -158,8 +159,7 @@ def prepare(models: Path, args: argparse.Namespace) -> dict[str, Any]:
         d = variants / name
         onnx = export_fp32(net, xtr[:8], d / "model" / "fp32" / "fp32.onnx")
         test_acc = _ort_accuracy(onnx, xte_np, yte_np)
-        doc = {"candidate": name, "results": {"fp32": {"test_accuracy": test_acc}}}
-        _write_json(d / "benchmark.json", doc)
+        BenchmarkReport(candidate=name, results={"fp32": {"test_accuracy": test_acc}}).write(d)
         macs, params = count_macs_params(net, xtr[:1])
         info["models"][name] = {
             "test_accuracy": test_acc,

@@ -15,18 +15,14 @@ def benchmark(
     exported: Input[Artifact],
     result: Output[Artifact],
 ):
-    from pathlib import Path
+    from nasforge.stages.runner import run_task
 
-    from nasforge.config import params_from_json
-    from nasforge.stages.runner import execute
-
-    execute(
+    run_task(
         "benchmark",
-        params_from_json(params_json),
-        Path(result.path),
-        parent_run_id=parent_run_id,
-        run_name=f"benchmark-{target}",
-        dataset=Path(dataset.path),
-        exported=[Path(exported.path)],
+        params_json,
+        parent_run_id,
+        result,
+        dataset=dataset,
+        exported=exported,
         target=target,
     )

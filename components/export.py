@@ -15,17 +15,14 @@ def export(
     quantized: Input[Artifact],
     exported: Output[Artifact],
 ):
-    from pathlib import Path
+    from nasforge.stages.runner import run_task
 
-    from nasforge.config import params_from_json
-    from nasforge.stages.runner import execute
-
-    execute(
+    run_task(
         "export",
-        params_from_json(params_json),
-        Path(exported.path),
-        parent_run_id=parent_run_id,
-        dataset=Path(dataset.path),
-        model=Path(model.path),
-        quantized=Path(quantized.path),
+        params_json,
+        parent_run_id,
+        exported,
+        dataset=dataset,
+        model=model,
+        quantized=quantized,
     )

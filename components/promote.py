@@ -13,15 +13,6 @@ def promote(
     benchmarks: Input[list[Artifact]],
     promotion: Output[Artifact],
 ):
-    from pathlib import Path
+    from nasforge.stages.runner import run_task
 
-    from nasforge.config import params_from_json
-    from nasforge.stages.runner import execute
-
-    execute(
-        "promote",
-        params_from_json(params_json),
-        Path(promotion.path),
-        parent_run_id=parent_run_id,
-        benchmarks=[Path(b.path) for b in benchmarks],
-    )
+    run_task("promote", params_json, parent_run_id, promotion, benchmarks=benchmarks)

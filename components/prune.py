@@ -14,16 +14,6 @@ def prune(
     model: Input[Artifact],
     pruned: Output[Artifact],
 ):
-    from pathlib import Path
+    from nasforge.stages.runner import run_task
 
-    from nasforge.config import params_from_json
-    from nasforge.stages.runner import execute
-
-    execute(
-        "prune",
-        params_from_json(params_json),
-        Path(pruned.path),
-        parent_run_id=parent_run_id,
-        dataset=Path(dataset.path),
-        model=Path(model.path),
-    )
+    run_task("prune", params_json, parent_run_id, pruned, dataset=dataset, model=model)

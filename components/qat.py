@@ -14,16 +14,6 @@ def qat(
     model: Input[Artifact],
     quantized: Output[Artifact],
 ):
-    from pathlib import Path
+    from nasforge.stages.runner import run_task
 
-    from nasforge.config import params_from_json
-    from nasforge.stages.runner import execute
-
-    execute(
-        "qat",
-        params_from_json(params_json),
-        Path(quantized.path),
-        parent_run_id=parent_run_id,
-        dataset=Path(dataset.path),
-        model=Path(model.path),
-    )
+    run_task("qat", params_json, parent_run_id, quantized, dataset=dataset, model=model)

@@ -15,21 +15,15 @@ def report(
     benchmarks: Input[list[Artifact]],
     report: Output[Artifact],
 ):
-    from pathlib import Path
+    from nasforge.stages.runner import run_task
 
-    from nasforge.config import params_from_json
-    from nasforge.stages.runner import execute
-    from nasforge.tracking.mlflow_runs import close_run
-
-    params = params_from_json(params_json)
-    execute(
+    # The report ends the pipeline: the runner marks the parent MLflow run finished.
+    run_task(
         "report",
-        params,
-        Path(report.path),
-        parent_run_id=parent_run_id,
-        search=Path(search.path),
-        promotion=Path(promotion.path),
-        benchmarks=[Path(b.path) for b in benchmarks],
+        params_json,
+        parent_run_id,
+        report,
+        search=search,
+        promotion=promotion,
+        benchmarks=benchmarks,
     )
-    if parent_run_id:
-        close_run(params.tracking.uri, parent_run_id)

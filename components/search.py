@@ -10,17 +10,7 @@ from nasforge.images import cpu_image
 def search(
     params_json: str, parent_run_id: str, dataset: Input[Artifact], search: Output[Artifact]
 ) -> list:
-    from pathlib import Path
+    from nasforge.stages.runner import run_task
 
-    from nasforge.config import params_from_json
-    from nasforge.stages.runner import execute
-
-    result = execute(
-        "search",
-        params_from_json(params_json),
-        Path(search.path),
-        parent_run_id=parent_run_id,
-        dataset=Path(dataset.path),
-    )
     # The candidate indices drive the ParallelFor over the Pareto set.
-    return list(range(int(result.metrics["candidates"])))
+    return run_task("search", params_json, parent_run_id, search, dataset=dataset)

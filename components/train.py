@@ -15,18 +15,14 @@ def train(
     search: Input[Artifact],
     model: Output[Artifact],
 ):
-    from pathlib import Path
+    from nasforge.stages.runner import run_task
 
-    from nasforge.config import params_from_json
-    from nasforge.stages.runner import execute
-
-    execute(
+    run_task(
         "train",
-        params_from_json(params_json),
-        Path(model.path),
-        parent_run_id=parent_run_id,
-        run_name=f"train-cand-{candidate}",
-        dataset=Path(dataset.path),
-        search=Path(search.path),
+        params_json,
+        parent_run_id,
+        model,
+        dataset=dataset,
+        search=search,
         candidate=candidate,
     )

@@ -1,19 +1,20 @@
 """What every pipeline task asks of a Kubernetes cluster (ignored by kfp.local).
 
-One place for the settings an MLOps engineer tunes per cluster: CPU/memory requests and limits
-per stage, retries with exponential backoff, the shared data volume, the Secrets and ConfigMap the
-tasks read as environment variables, and what puts GPU targets on GPU nodes. The names match the
-objects in ``manifests/`` (PVC ``nasforge-pipeline-data``, Secrets ``nasforge-mlflow`` and
-``nasforge-object-store``, ConfigMap ``nasforge-config``).
+One place for the settings an MLOps engineer tunes per cluster: retries with exponential backoff,
+the shared data volume, the Secrets and ConfigMap the tasks read as environment variables, and
+what puts GPU targets on GPU nodes. The names match the objects in ``manifests/`` (PVC
+``nasforge-pipeline-data``, Secrets ``nasforge-mlflow`` and ``nasforge-object-store``, ConfigMap
+``nasforge-config``). Each stage's CPU/memory requests and limits, and whether it may be
+retried, are part of its declaration (:mod:`nasforge.stages.declarations`); only the plumbing
+tasks' are here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from kfp import dsl, kubernetes
 
 from nasforge.images import gpu_image
+from nasforge.stages.declarations import DECLARATIONS, Resources
 
 #: Where the pipeline-data PVC is mounted in every task (datasets, DVC remote/cache on a cluster).
 DATA_PVC = "nasforge-pipeline-data"
@@ -35,33 +36,16 @@ BACKOFF_FACTOR = 2.0
 BACKOFF_MAX = "600s"
 
 
-@dataclass(frozen=True)
-class Resources:
-    """CPU (cores) and memory requests and limits of one task."""
-
-    cpu_request: str
-    cpu_limit: str
-    memory_request: str
-    memory_limit: str
-
-
-#: Per stage. Benchmarks request what they limit (Guaranteed QoS): timings taken on a node whose
-#: CPU a neighbour can borrow are not worth recording. Training-like stages may burst.
+#: KFP plumbing tasks that are not stages (they move files; no data volume, no credentials).
+PLUMBING_RESOURCES: dict[str, Resources] = {"collect": Resources("100m", "500m", "256Mi", "1Gi")}
+#: Per task: each stage's declared resources, then the plumbing's.
 STAGE_RESOURCES: dict[str, Resources] = {
-    "prepare-data": Resources("1", "2", "2Gi", "4Gi"),
-    "search": Resources("4", "8", "8Gi", "16Gi"),
-    "train": Resources("4", "8", "8Gi", "16Gi"),
-    "prune": Resources("4", "8", "8Gi", "16Gi"),
-    "qat": Resources("4", "8", "8Gi", "16Gi"),
-    "export": Resources("2", "4", "4Gi", "8Gi"),
-    "benchmark": Resources("4", "4", "8Gi", "8Gi"),
-    "collect": Resources("100m", "500m", "256Mi", "1Gi"),
-    "promote": Resources("500m", "1", "1Gi", "2Gi"),
-    "report": Resources("500m", "1", "1Gi", "2Gi"),
+    **{d.name: d.resources for d in DECLARATIONS},
+    **PLUMBING_RESOURCES,
 }
-
-#: Stages that must not be retried blindly: a retried promote would register the model again.
-NO_RETRY = frozenset({"promote"})
+#: Stages that must not be retried blindly (declared ``retry=False``: a retried promote would
+#: register the model again).
+NO_RETRY = frozenset(d.name for d in DECLARATIONS if not d.retry)
 
 
 def configure(
@@ -89,7 +73,7 @@ def configure(
             backoff_factor=BACKOFF_FACTOR,
             backoff_max_duration=BACKOFF_MAX,
         )
-    if stage == "collect":  # plumbing only: no data, no credentials
+    if stage in PLUMBING_RESOURCES:  # plumbing only: no data, no credentials
         return task
     kubernetes.mount_pvc(task, pvc_name=DATA_PVC, mount_path=DATA_MOUNT)
     kubernetes.use_secret_as_env(

@@ -91,7 +91,7 @@ def test_pruned_model_saves_and_loads_to_identical_outputs(tmp_path: Path) -> No
     pruned, report = prune.prune_structured(model, torch.from_numpy(x[:4]), channel_ratio=0.4)
     out = prune.save_model(pruned, tmp_path / "pruned", {"prune": report})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no temp dirs left
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "weights.safetensors"]
     state, meta, shapes = prune.load_model_files(out)
     assert meta["prune"]["params_after"] == report["params_after"]
     fresh = TinyCellNet()  # rebuilt from the "spec": unpruned shapes

@@ -13,7 +13,7 @@ import pytest
 from nasforge.report import analysis
 from nasforge.report import tracking as rtrack
 from nasforge.search.pareto import hypervolume
-from nasforge.stages import report
+from nasforge.stages import StageContext, report
 from tests.conftest import tiny_params, with_tracking_db
 
 T1, T2 = "onnxruntime-cpu", "openvino-cpu"
@@ -263,7 +263,7 @@ def test_report_with_unreachable_tracking_server(tmp_path, new):
     art = _artifacts(tmp_path, new)
     out = tmp_path / "report"
     result = report.run(
-        _params(_closed_port_uri()), output=out, run_id=None, parent_run_id="abc123", **art
+        _params(_closed_port_uri()), output=out, ctx=StageContext(parent_run_id="abc123"), **art
     )
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary) and summary["run_id"] == "abc123"
@@ -301,7 +301,6 @@ def test_report_alone_without_parent_run(tmp_path):
     report.run(
         _params(f"sqlite:///{tmp_path / 'none.db'}"),
         output=tmp_path / "r",
-        run_id=None,
         **art,
     )
     page = (tmp_path / "r" / "report.html").read_text()
@@ -331,7 +330,8 @@ def test_report_reads_stage_seconds_from_sqlite_store(tmp_path):
     p = with_tracking_db(tiny_params(), tmp_path)
     parent, ids = _parent_with_stage_runs(p.tracking.uri, p.tracking.experiment)
     art = _artifacts(tmp_path, True)
-    report.run(p, output=tmp_path / "r", run_id=ids["report"], parent_run_id=parent, **art)
+    ctx = StageContext(run_id=ids["report"], parent_run_id=parent)
+    report.run(p, output=tmp_path / "r", ctx=ctx, **art)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["stage_seconds"] == {
         "search": 12.5,
@@ -350,7 +350,8 @@ def test_report_links_to_runs_and_models_on_a_tracking_server(tmp_path, mlflow_s
     p = _params(mlflow_server)
     parent, ids = _parent_with_stage_runs(mlflow_server, p.tracking.experiment)
     art = _artifacts(tmp_path, True)
-    report.run(p, output=tmp_path / "r", run_id=ids["report"], parent_run_id=parent, **art)
+    ctx = StageContext(run_id=ids["report"], parent_run_id=parent)
+    report.run(p, output=tmp_path / "r", ctx=ctx, **art)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     exp = summary["mlflow"]["parent"]["experiment_id"]
     page = (tmp_path / "r" / "report.html").read_text()

@@ -85,6 +85,35 @@ def test_macro_specs_come_from_the_configured_space():
     assert {e for s in specs for e in s.expands} == {3, 6}
 
 
+@pytest.mark.parametrize("space", sc.SPACES)
+def test_spaces_are_sampled_through_the_registry(space):
+    # Space coverage names no space: each draws, writes and reads back its own specs.
+    from nasforge.space.registry import get_space
+
+    sampled = sc.coverage_space(space)
+    assert isinstance(sampled, get_space(space))
+    valid = sampled.validity()
+    rng = random.Random(SEED)
+    for _ in range(300):
+        spec = sampled.sample_spec(rng)
+        assert valid is None or valid(sampled.spec_to_params(spec))
+        text = sampled.spec_text(spec)
+        assert "\n" not in text and sampled.spec_from_text(text) == spec
+    for bad in ("", "{", "[1, 2]", '{"nope": 1}', "|bogus~0|"):
+        with pytest.raises(ConfigError):
+            sampled.spec_from_text(bad)
+    net, meta = sc._build(
+        sc.sample_cases(space, 1, 0, SEED)[0], _DIGITS, sc.CoverageEnv("", "", {})
+    )
+    assert meta["space"] == space and meta["arch_str"]
+    assert get_space(space).network_from_model(meta) is not None
+
+
+class _DIGITS:  # the coverage dataset's shape, without preparing it
+    input_shape, num_classes = sc.DIGITS_SHAPE, sc.DIGITS_CLASSES
+    mean, std, classes = [0.0], [1.0], list(range(10))
+
+
 def test_prune_settings_span_what_the_config_allows():
     rng = random.Random(0)
     drawn = [sc.sample_prune_settings(rng) for _ in range(300)]

@@ -1,5 +1,8 @@
 """``nasforge`` command line: one sub-command per stage, plus run / pipeline / bench-search / targets.
 
+The stage sub-commands are built from the stage declarations (:mod:`nasforge.stages.declarations`):
+one option per declared input, run through :func:`nasforge.stages.runner.execute`.
+
 User errors (:class:`nasforge.errors.NasforgeError`) print one line ``error: ...`` on stderr and
 exit with status 2; a traceback means a bug.
 """
@@ -14,6 +17,7 @@ from pathlib import Path
 
 from nasforge import __version__
 from nasforge.errors import ConfigError, NasforgeError
+from nasforge.stages.declarations import DECLARATIONS, StageDeclaration, declaration
 
 
 def _common(p: argparse.ArgumentParser, output: bool = True) -> None:
@@ -39,7 +43,10 @@ def _common(p: argparse.ArgumentParser, output: bool = True) -> None:
         "else not nested)",
     )
     p.add_argument(
-        "--run-name", default=None, help="name of this stage's MLflow run (default: the stage)"
+        "--run-name",
+        default=None,
+        help="name of this stage's MLflow run (default: the stage, with its candidate or target "
+        "where it has one, e.g. train-cand-0, as in a pipeline)",
     )
     p.add_argument(
         "--no-tracking",
@@ -48,8 +55,42 @@ def _common(p: argparse.ArgumentParser, output: bool = True) -> None:
     )
 
 
-_DATA_HELP = "prepared dataset folder (the output of prepare-data)"
-_MODEL_HELP = "model artifact folder (model.json + weights.safetensors)"
+#: Stage commands that can do something else instead of running the stage (option, metavar,
+#: help): their declared options are then optional, and checked when the stage runs.
+_ALTERNATIVES = {
+    "promote": (
+        "--rollback",
+        "TARGET",
+        "withdraw TARGET's champion and restore the previous one (nothing else runs)",
+    ),
+}
+
+
+def _stage_parser(sub, decl: StageDeclaration) -> argparse.ArgumentParser:
+    """The subcommand of a stage: ``--params``, ``--output`` and one option per declared input."""
+    alternative = decl.name in _ALTERNATIVES
+    p = sub.add_parser(decl.name, help=decl.help)
+    _common(p, output=not alternative)
+    if alternative:
+        p.add_argument("--output", type=Path, help="output folder (replaced on success)")
+    for inp in decl.inputs:
+        kwargs: dict = {
+            "dest": inp.name,
+            "metavar": inp.option.removeprefix("--").upper(),
+            "required": not alternative,
+            "help": inp.help,
+        }
+        if inp.is_path:
+            kwargs["type"] = Path
+            if inp.kind == "artifacts":
+                kwargs["nargs"] = "+"
+        elif inp.kind == "int":
+            kwargs["type"] = int
+        p.add_argument(inp.option, **kwargs)
+    if alternative:
+        option, metavar, what = _ALTERNATIVES[decl.name]
+        p.add_argument(option, metavar=metavar, default=None, help=what)
+    return p
 
 
 RUN_DESCRIPTION = """\
@@ -83,75 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"nasforge {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prepare-data", help="load and split a dataset")
-    _common(p)
-    p = sub.add_parser("search", help="train the supernet and search the Pareto set")
-    _common(p)
-    p.add_argument("--data", type=Path, required=True, help=_DATA_HELP)
-    p = sub.add_parser("train", help="fine-tune a candidate with distillation")
-    _common(p)
-    p.add_argument("--data", type=Path, required=True, help=_DATA_HELP)
-    p.add_argument(
-        "--search", type=Path, required=True, help="search output folder (pareto.json, supernet)"
-    )
-    p.add_argument(
-        "--candidate",
-        type=int,
-        required=True,
-        help="index of the candidate in the search's pareto.json (0 = cand-0)",
-    )
-    for name, what in (
-        ("prune", "prune a model artifact's channels and fine-tune it"),
-        ("qat", "INT8 quantization-aware training of a model artifact"),
-    ):
-        p = sub.add_parser(name, help=what)
-        _common(p)
-        p.add_argument("--data", type=Path, required=True, help=_DATA_HELP)
-        p.add_argument(
-            "--model",
-            type=Path,
-            required=True,
-            help=_MODEL_HELP + (" (train's output)" if name == "prune" else " (prune's output)"),
-        )
-    p = sub.add_parser("export", help="export ONNX fp32/int8 and OpenVINO IR with parity checks")
-    _common(p)
-    p.add_argument("--data", type=Path, required=True, help=_DATA_HELP)
-    p.add_argument("--model", type=Path, required=True, help="fp32 model artifact (pruned)")
-    p.add_argument("--quantized", type=Path, required=True, help="INT8 artifact (qat)")
-    p = sub.add_parser("benchmark", help="measure exported models on a target")
-    _common(p)
-    p.add_argument("--data", type=Path, required=True, help=_DATA_HELP)
-    p.add_argument(
-        "--exported", type=Path, nargs="+", required=True, help="export folders (one per candidate)"
-    )
-    p.add_argument("--target", required=True, help="a target name (see `nasforge targets`)")
-    p = sub.add_parser(
-        "promote",
-        help="register the best model per target and gate the champion, or roll a champion back",
-    )
-    _common(p, output=False)
-    p.add_argument("--output", type=Path, help="output folder (replaced on success)")
-    p.add_argument(
-        "--benchmarks",
-        type=Path,
-        nargs="+",
-        help="benchmark output folders (every candidate on every target)",
-    )
-    p.add_argument(
-        "--rollback",
-        metavar="TARGET",
-        default=None,
-        help="withdraw TARGET's champion and restore the previous one (nothing else runs)",
-    )
-    p = sub.add_parser("report", help="write report.html and summary.json")
-    _common(p)
-    p.add_argument("--search", type=Path, required=True, help="search output folder")
-    p.add_argument(
-        "--promotion", type=Path, required=True, help="promote output folder (promotion.json)"
-    )
-    p.add_argument(
-        "--benchmarks", type=Path, nargs="+", required=True, help="benchmark output folders"
-    )
+    for decl in DECLARATIONS:
+        _stage_parser(sub, decl)
 
     p = sub.add_parser(
         "run",
@@ -378,46 +352,40 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _stage_inputs(args: argparse.Namespace) -> dict:
-    keys = (
-        "data",
-        "search",
-        "candidate",
-        "model",
-        "quantized",
-        "exported",
-        "target",
-        "benchmarks",
-        "promotion",
-    )
-    mapping = {"data": "dataset"}
-    out = {}
-    for k in keys:
-        if hasattr(args, k):
-            out[mapping.get(k, k)] = getattr(args, k)
-    return out
+def _stage_inputs(decl: StageDeclaration, args: argparse.Namespace) -> dict:
+    """The declared inputs of ``decl`` from the parsed command line.
+
+    Raises:
+        ConfigError: A stage command with an alternative (``promote --rollback``) lacks an option.
+    """
+    inputs = {i.name: getattr(args, i.name) for i in decl.inputs}
+    if args.output is None or any(v is None for v in inputs.values()):
+        needs = " and ".join(["--output", *(i.option for i in decl.inputs)])
+        option, metavar, _ = _ALTERNATIVES[decl.name]
+        raise ConfigError(f"{decl.name} needs {needs} (or {option} {metavar})")
+    return inputs
 
 
-def _check_inputs_exist(inputs: dict) -> None:
-    from nasforge.errors import DataError, ModelFileError
-
-    for name, value in inputs.items():
-        paths = value if isinstance(value, list) else [value]
-        for v in paths:
-            if isinstance(v, Path) and not v.exists():
-                err = DataError if name == "dataset" else ModelFileError
-                raise err(f"--{'data' if name == 'dataset' else name}: path does not exist: {v}")
+def _check_inputs_exist(decl: StageDeclaration, inputs: dict) -> None:
+    for inp in decl.inputs:
+        if not inp.is_path:
+            continue
+        value = inputs[inp.name]
+        for v in value if isinstance(value, list) else [value]:
+            if not Path(v).exists():
+                raise inp.missing(f"{inp.option}: path does not exist: {v}")
 
 
 def _run_stage(args: argparse.Namespace) -> int:
     from nasforge.config import load_params
     from nasforge.stages.runner import execute
 
+    decl = declaration(args.command)
+    inputs = _stage_inputs(decl, args)
     params = load_params(args.params)
-    inputs = _stage_inputs(args)
-    _check_inputs_exist(inputs)
+    _check_inputs_exist(decl, inputs)
     execute(
-        args.command,
+        decl.name,
         params,
         args.output,
         parent_run_id=args.parent_run_id,
@@ -633,11 +601,8 @@ def main(argv: list[str] | None = None) -> int:
             return _profile(args)
         if args.command == "serve":
             return _serve(args)
-        if args.command == "promote":
-            if args.rollback is not None:
-                return _rollback(args)
-            if args.output is None or not args.benchmarks:
-                raise ConfigError("promote needs --output and --benchmarks (or --rollback TARGET)")
+        if args.command == "promote" and args.rollback is not None:
+            return _rollback(args)
         return _run_stage(args)
     except NasforgeError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -359,7 +359,12 @@ class PromoteParams(_Section):
         20, ge=5, le=1000, description="interleaved timing rounds of champion and challenger"
     )
     repeats: int = Field(20, ge=1, le=10000, description="timed runs per model per round")
-    warmup: int = Field(10, ge=0, le=10000, description="untimed runs per model before timing")
+    warmup: int = Field(
+        10,
+        ge=0,
+        le=10000,
+        description="untimed runs per model in each round (fresh sessions each round)",
+    )
     confidence: float = Field(
         0.95, ge=0.5, lt=1, description="confidence level of the latency intervals"
     )

@@ -1,7 +1,8 @@
 """Space coverage: architectures of a search space pushed through the pipeline's compression chain.
 
-One architecture (a NAS-Bench-201 cell or a macro spec) goes through the *stage functions
-themselves*, passing models through files exactly as the pipeline does::
+One architecture of a registered search space (:mod:`nasforge.space.registry`: a
+NAS-Bench-201 cell, a macro spec, ...) goes through the *stage functions themselves*, passing
+models through files exactly as the pipeline does::
 
     build -> model artifact (models.save_model, as the train stage writes it)
           -> prune stage (Torch-Pruning) -> load_model -> forward
@@ -53,10 +54,23 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 from typing import Any
 
-SPACES = ("cell", "macro")
+
+def _builtin_spaces() -> tuple[str, ...]:
+    from nasforge.space.registry import BUILTIN_MODULES, get_space, space_names
+
+    return tuple(n for n in space_names() if get_space(n).__module__ in BUILTIN_MODULES)
+
+
+SPACES: tuple[str, ...] = _builtin_spaces()
+"""The built-in search spaces (any registered space is covered the same way, by name)."""
+ENUMERATE_LIMIT = 100_000
+"""Spaces with at most this many points are enumerated and sampled without replacement (every
+valid architecture once when ``n`` is at least their size); larger ones are drawn with
+:meth:`~nasforge.space.base.SearchSpace.sample_spec` until ``n`` distinct ones are found."""
 PHASES = ("build", "prune", "load", "forward", "qat", "export", "inference", "parity")
 """The steps of a case, in order (a prune case stops after ``forward``)."""
 
@@ -93,6 +107,10 @@ DATA_PER_CLASS = 40
 Taylor gradients read), 60 validation, 60 test images."""
 QAT_BATCH = 512
 """QAT batch size above the train split: the qat stage's one epoch is one QAT step."""
+DIGITS_SHAPE = (1, 8, 8)
+DIGITS_CLASSES = 10
+"""The coverage dataset's images (scikit-learn's digits) and classes, for sampling before it is
+prepared."""
 
 
 # --- cases --------------------------------------------------------------------------------------
@@ -103,8 +121,9 @@ class Case:
     """One architecture and the prune settings it is pushed through.
 
     Attributes:
-        space: ``"cell"`` or ``"macro"``.
-        arch: the cell's ``arch_str`` or the macro spec's JSON (:meth:`MacroSpec.to_json`).
+        space: a registered search space's name.
+        arch: the spec's text in that space (:meth:`~nasforge.space.base.SearchSpace.spec_text`:
+            a cell's ``arch_str``, a macro spec's JSON).
         prune: ``params.prune`` fields (``channel_ratio``, ``importance``, ``steps``,
             ``finetune_epochs``).
         chain: whole chain (prune -> qat -> export -> runtimes) or prune -> forward only.
@@ -146,30 +165,57 @@ def sample_prune_settings(rng: random.Random) -> dict[str, Any]:
     return PruneParams(**settings).model_dump(include=set(settings))
 
 
-def _sample_archs(space: str, n: int, rng: random.Random, params: Any) -> list[str]:
-    if space == "cell":
-        cells = connected_cells()
-        chosen = rng.sample(cells, min(n, len(cells)))
-        return [c.arch_str for c in chosen]
-    if space == "macro":
-        from nasforge.supernet.macro_search import choices_from_params
+def coverage_space(
+    name: str,
+    params: Any = None,
+    env: CoverageEnv | None = None,
+    input_shape: tuple[int, ...] = DIGITS_SHAPE,
+    num_classes: int = DIGITS_CLASSES,
+) -> Any:
+    """The search space ``name`` as the coverage runs configure it: ``params.space`` (default:
+    the defaults) with the tiny network shape of ``env`` (default: :data:`CELL_CHANNELS`,
+    :data:`CELLS_PER_STAGE`), for the coverage dataset's images.
 
-        choices = choices_from_params(params)  # the configured part of the space
-        size = math.prod(
-            len(v) ** 4 for v in (choices.depths, choices.widths, choices.kernels, choices.expands)
-        )
-        seen: dict[str, None] = {}
-        while len(seen) < min(n, size):
-            # the search's own sampler: uniform per stage and dimension, i.e. over the space
-            seen.setdefault(choices.sample(rng).to_json(), None)
-        return list(seen)
-    raise ValueError(f"space must be one of {SPACES}, not {space!r}")
+    Raises:
+        ConfigError: unknown space.
+    """
+    from nasforge.config import params_from_dict
+    from nasforge.space.registry import get_space
+
+    space_type = get_space(name)
+    if params is None:
+        params = params_from_dict(base_params(), "space-coverage")
+    settings = params.space.model_copy(
+        update={
+            "kind": name,
+            "channels": env.cell_channels if env is not None else CELL_CHANNELS,
+            "cells_per_stage": env.cells_per_stage if env is not None else CELLS_PER_STAGE,
+        }
+    )
+    return space_type.from_params(settings, tuple(input_shape), int(num_classes))
+
+
+def _sample_archs(name: str, n: int, rng: random.Random, params: Any) -> list[str]:
+    space = coverage_space(name, params)
+    choices = space.choices()
+    size = math.prod(len(v) for v in choices.values())
+    if size <= ENUMERATE_LIMIT:
+        valid = space.validity()
+        points = (dict(zip(choices, combo, strict=True)) for combo in product(*choices.values()))
+        specs = [space.spec_from_params(p) for p in points if valid is None or valid(p)]
+        return [space.spec_text(s) for s in rng.sample(specs, min(n, len(specs)))]
+    seen: dict[str, None] = {}
+    while len(seen) < min(n, size):
+        # the space's own uniform draw (the macro space's is the supernet's sampler)
+        seen.setdefault(space.spec_text(space.sample_spec(rng)), None)
+    return list(seen)
 
 
 def sample_cases(space: str, n: int, n_chain: int, seed: int = 0, params: Any = None) -> list[Case]:
     """``n`` distinct architectures of ``space`` drawn uniformly, ``n_chain`` of them (drawn
-    uniformly among those) marked for the whole chain; cells among connected cells, macro specs
-    from the part of the space ``params.space.macro`` configures (default: all of it).
+    uniformly among those) marked for the whole chain: among the valid points of the space as
+    ``params.space`` configures it (cells: the connected ones; macro specs: the part of the space
+    ``params.space.macro`` configures, default all of it).
 
     ``n`` at least the space's size gives every architecture once, in random order. Prune
     settings depend only on ``seed`` and the architecture, so a resumed run draws the same.
@@ -280,29 +326,17 @@ def _build(case: Case, data: Any, env: CoverageEnv) -> tuple[Any, dict[str, Any]
     """The freshly initialised network of ``case`` and its ``model.json`` fields (as train)."""
     import torch
 
-    from nasforge.space.cell import CellNetworkShape, build_cell_network
-    from nasforge.space.macro import MacroSpec, build_macro_network
-    from nasforge.space.nb201 import CellSpec
-    from nasforge.supernet.macro_search import macro_arch_str
+    from nasforge.config import params_from_dict
 
-    c_in, classes = data.input_shape[0], data.num_classes
+    params = params_from_dict(env.params, "space-coverage")
+    space = coverage_space(case.space, params, env, data.input_shape, data.num_classes)
+    spec = space.spec_from_text(case.arch)
     torch.manual_seed(zlib.crc32(case.key.encode()))
-    if case.space == "cell":
-        shape = CellNetworkShape(c_in, classes, env.cell_channels, env.cells_per_stage)
-        net = build_cell_network(CellSpec.from_arch_str(case.arch), shape)
-        arch = {"space": "cell", "arch_str": case.arch, "shape": shape.to_dict()}
-    else:
-        spec = MacroSpec.from_json(case.arch)
-        net = build_macro_network(spec, c_in, classes)
-        arch = {
-            "space": "macro",
-            "arch_str": macro_arch_str(spec),
-            "spec": json.loads(spec.to_json()),
-            "shape": {"in_channels": c_in, "num_classes": classes},
-        }
+    net = space.build_network(spec)
     meta = {
         "candidate": "coverage",
-        **arch,
+        "space": case.space,
+        **space.model_fields(spec),
         "input_shape": list(data.input_shape),
         "mean": data.mean,
         "std": data.std,

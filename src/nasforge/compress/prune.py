@@ -5,10 +5,11 @@ that runs faster everywhere. Torch-Pruning's dependency graph finds the channels
 together: in a NAS-Bench-201 cell every node *sums* its inputs (identity skips included), so all
 tensors joined by a sum share one set of channel indices, and a BatchNorm follows its conv.
 
-A pruned model no longer matches the architecture its spec describes, so it is saved as
-safetensors weights plus a JSON file with the per-layer shapes; :func:`load_pruned_weights`
-rebuilds it from a freshly built (unpruned) network by resizing its Conv/BN/Linear layers first.
-No pickle is involved anywhere.
+A pruned model no longer matches the architecture its spec describes, so it is saved as the
+``pruned`` variant of the model artifact (:mod:`nasforge.artifacts.model`: safetensors weights
+plus the per-layer shapes in ``model.json``); :func:`load_pruned_weights` rebuilds it from a
+freshly built (unpruned) network by resizing its Conv/BN/Linear layers first. No pickle is
+involved anywhere.
 
 Unstructured (element-wise) sparsity gives no speedup in ONNX Runtime or OpenVINO on CPU; it is
 offered for size only and reported as compressed bytes.
@@ -17,9 +18,7 @@ offered for size only and reported as compressed bytes.
 from __future__ import annotations
 
 import copy
-import json
 import os
-import shutil
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,20 +26,19 @@ from typing import Any
 
 import torch
 import torch_pruning as tp
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from nasforge import progress
-from nasforge.atomic import save_safetensors, temp_dir_beside
+from nasforge.artifacts.model import MODEL_JSON, WEIGHTS, ModelArtifact
+from nasforge.artifacts.model import layer_shapes as layer_shapes
 from nasforge.errors import ConfigError, ModelFileError
 
 IMPORTANCES = ("magnitude", "taylor")
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
-FORMAT = "nasforge-pruned-v1"
+#: The files of a pruned model: those of every model artifact.
+WEIGHTS_FILE = WEIGHTS
+META_FILE = MODEL_JSON
 
 
 # --- measuring ----------------------------------------------------------------------------------
@@ -332,88 +330,35 @@ def weights_size_bytes(model: nn.Module) -> tuple[int, int]:
 # --- pruned-model files -------------------------------------------------------------------------
 
 
-def layer_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per-layer shape attributes of the Conv/BN/Linear layers (what pruning changes)."""
-    shapes: dict[str, dict[str, Any]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, _ConvNd):
-            shapes[name] = {
-                "type": "conv",
-                "in_channels": m.in_channels,
-                "out_channels": m.out_channels,
-                "groups": m.groups,
-            }
-        elif isinstance(m, nn.Linear):
-            shapes[name] = {
-                "type": "linear",
-                "in_features": m.in_features,
-                "out_features": m.out_features,
-            }
-        elif isinstance(m, _BatchNorm):
-            shapes[name] = {"type": "batchnorm", "num_features": m.num_features}
-    return shapes
-
-
 def save_model(model: nn.Module, path_dir: str | os.PathLike[str], meta: dict[str, Any]) -> Path:
-    """Save a (possibly pruned) model as ``model.safetensors`` + ``model.json`` (atomic).
+    """Save a pruned model as the ``pruned`` variant of the model artifact (folder replaced whole).
 
     Args:
-        model: the model.
+        model: the model (its layer sizes are recorded).
         path_dir: the folder to write (replaced as a whole if it exists).
         meta: JSON-serializable metadata (architecture spec, metrics, prune report, ...).
 
     Returns:
         The folder.
     """
-    path_dir = Path(path_dir)
-    tmp = temp_dir_beside(path_dir)
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_safetensors(state, tmp / WEIGHTS_FILE)
-        doc = {"format": FORMAT, "meta": meta, "shapes": layer_shapes(model)}
-        (tmp / META_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
-        old = None
-        if path_dir.exists():
-            old = path_dir.with_name(f".{path_dir.name}.old-{os.getpid()}")
-            os.replace(path_dir, old)
-        os.replace(tmp, path_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path_dir
+    return ModelArtifact.from_module(model, meta, pruned=True).write(path_dir)
 
 
 def load_model_files(
     path_dir: str | os.PathLike[str],
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, dict[str, Any]]]:
-    """Read a folder written by :func:`save_model`.
+    """Read a pruned model folder (this format, or a ``nasforge-pruned-v1`` one).
 
     Returns:
-        ``(state_dict, meta, shapes)``.
+        ``(state_dict, meta, shapes)``; ``shapes`` is empty when the folder does not record
+        them (they are then inferred from the weights by :func:`load_pruned_weights`).
 
     Raises:
         ModelFileError: missing, truncated or corrupt files.
+        ArtifactVersionError: a version this nasforge does not read.
     """
-    path_dir = Path(path_dir)
-    weights, doc_path = path_dir / WEIGHTS_FILE, path_dir / META_FILE
-    for p in (weights, doc_path):
-        if not p.is_file():
-            raise ModelFileError(f"{p}: model file not found")
-    try:
-        doc = json.loads(doc_path.read_text())
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"format {doc.get('format')!r}")
-        meta, shapes = dict(doc["meta"]), dict(doc["shapes"])
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ModelFileError(f"{doc_path}: not a nasforge model description ({exc})") from exc
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise ModelFileError(f"{weights}: corrupt safetensors file ({first})") from exc
-    return state, meta, shapes
+    art = ModelArtifact.read(path_dir)
+    return art.state, art.meta, art.layer_shapes or {}
 
 
 def _resize_conv(m: _ConvNd, weight: torch.Tensor, groups: int | None) -> None:

@@ -1,4 +1,5 @@
-"""The prepared-dataset artifact: one ``dataset.npz`` plus ``meta.json``.
+"""The prepared-dataset artifact's arrays: one ``dataset.npz`` plus ``meta.json``
+(:class:`nasforge.artifacts.dataset.Dataset`, the versioned description).
 
 Images stay uint8 (CIFAR-10 is 150 MB instead of 600 MB as float32); per-channel mean and std of
 the training split are stored in the metadata, and :meth:`PreparedData.tensors` normalises on
@@ -8,7 +9,6 @@ load, so every stage and every runtime sees exactly the same inputs.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
+from nasforge.artifacts.dataset import ARRAYS, Dataset
 from nasforge.data.sources import RawData
 from nasforge.errors import DataError
 
@@ -90,21 +91,21 @@ def save_prepared(
     mean = x.mean(axis=(0, 2, 3)).tolist()
     std = np.maximum(x.std(axis=(0, 2, 3)), 1e-3).tolist()
     out_dir.mkdir(parents=True, exist_ok=True)
-    npz = out_dir / "dataset.npz"
+    npz = out_dir / ARRAYS
     np.savez(npz, **arrays)
     digest = hashlib.sha256(npz.read_bytes()).hexdigest()
-    meta = {
-        "source": source,
-        "seed": seed,
-        "classes": classes,
-        "input_shape": list(arrays["x_train"].shape[1:]),
-        "mean": mean,
-        "std": std,
-        "counts": {s: int(len(arrays[f"y_{s}"])) for s in SPLITS},
-        "sha256": digest,
-    }
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
-    return meta
+    description = Dataset(
+        source=source,
+        seed=seed,
+        classes=list(classes),
+        input_shape=[int(s) for s in arrays["x_train"].shape[1:]],
+        mean=mean,
+        std=std,
+        counts={s: int(len(arrays[f"y_{s}"])) for s in SPLITS},
+        sha256=digest,
+    )
+    description.write(out_dir)
+    return description.to_body()
 
 
 def load_prepared(path: str | Path) -> PreparedData:
@@ -112,16 +113,15 @@ def load_prepared(path: str | Path) -> PreparedData:
 
     Raises:
         DataError: The folder or its files are missing or corrupt.
+        ArtifactVersionError: ``meta.json`` is of a version this nasforge does not read.
     """
     path = Path(path)
-    npz, meta_path = path / "dataset.npz", path / "meta.json"
-    if not npz.is_file() or not meta_path.is_file():
-        raise DataError(f"not a prepared dataset (needs dataset.npz and meta.json): {path}")
+    description = Dataset.read(path)
+    meta = description.to_body()
     try:
-        meta = json.loads(meta_path.read_text())
-        with np.load(npz, allow_pickle=False) as z:
+        with np.load(path / ARRAYS, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, EOFError) as err:
         raise DataError(f"prepared dataset {path} is corrupt: {err}") from None
     missing = [f"{a}_{s}" for s in SPLITS for a in ("x", "y") if f"{a}_{s}" not in arrays]
     if missing:

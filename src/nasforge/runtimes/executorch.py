@@ -74,8 +74,12 @@ def _export(module: Any, example: Any, max_batch: int) -> Any:
 
     if example.shape[0] < 2:
         example = torch.cat([example, example])
+    # A batch with one channel may carry channels-last strides (numpy's ``[:, None]`` gives
+    # them); torch.export records the example's dim order, and the program would then reject
+    # every NCHW input at run time. Standard strides make it an NCHW program.
+    example = example[:2].clone(memory_format=torch.contiguous_format)
     batch = torch.export.Dim("batch", min=1, max=max(2, int(max_batch)))
-    return torch.export.export(module, (example[:2],), dynamic_shapes=({0: batch},))
+    return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
 
 
 def _lower(program: Any, max_batch: int, int8: bool) -> bytes:
@@ -105,6 +109,20 @@ def _lower(program: Any, max_batch: int, int8: bool) -> bytes:
                 env.var_to_range[dim.node.expr] = ValueRanges(1, int(max_batch))
     config = ExecutorchBackendConfig(sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass())
     return lowered.to_executorch(config).buffer
+
+
+def _check_header(path: Path) -> None:
+    """Raise a one-line :class:`ModelFileError` unless ``path`` starts like an ExecuTorch
+    program (a flatbuffer with file identifier ``ET`` + two digits).
+
+    The runtime logs a foreign identifier's raw bytes, and its Python log handler aborts the
+    process on bytes that are not UTF-8 (executorch 1.5.1), so foreign files never reach it.
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+    ident = head[4:8]
+    if len(head) < 8 or ident[:2] != b"ET" or not ident[2:].isdigit():
+        raise ModelFileError(f"{path} is not an ExecuTorch program (no ET flatbuffer header)")
 
 
 def _write(buffer: bytes, path: Path) -> Path:
@@ -237,8 +255,13 @@ class ExecuTorch(Runtime):
         runtime = EtRuntime.get()
         if not runtime.backend_registry.is_available("XnnpackBackend"):
             raise TargetError("this ExecuTorch build has no XNNPACK backend")
+        _check_header(Path(path))
         try:
-            program = runtime.load_program(Path(path), verification=Verification.Minimal)
+            # InternalConsistency runs the flatbuffer verifier: a corrupt program is a load
+            # error rather than a crash while its methods are read.
+            program = runtime.load_program(
+                Path(path), verification=Verification.InternalConsistency
+            )
             method = program.load_method("forward")
         except Exception as e:  # the bindings raise RuntimeError for a bad or foreign file
             raise ModelFileError(f"cannot load {path} in ExecuTorch: {first_line(e)}") from e

@@ -11,6 +11,7 @@ from typing import Any
 
 from nasforge.errors import NasforgeError, TargetError
 from nasforge.hardware.predictor import LatencyPredictor
+from nasforge.hardware.targets import GPU_DEVICES as GPU_DEVICES  # the local driver's import
 from nasforge.hardware.targets import Target, get_target
 from nasforge.search.objectives import (
     Constraint,
@@ -18,8 +19,6 @@ from nasforge.search.objectives import (
     objective_columns,
     parse_constraint,
 )
-
-GPU_DEVICES = ("cuda", "tensorrt")
 
 
 def deployed_precision(params: Any) -> str:
@@ -35,7 +34,7 @@ def resolve_targets(names: list[str]) -> list[Target]:
     """
     targets = [get_target(n) for n in names]
     for t in targets:
-        if not (t.kind == "runtime" and t.device in GPU_DEVICES and not t.is_available()):
+        if not _remote_gpu(t):
             t.check_available()
     return targets
 
@@ -110,7 +109,7 @@ class SearchPredictor:
 
 
 def _remote_gpu(t: Target) -> bool:
-    return t.kind == "runtime" and t.device in GPU_DEVICES and not t.is_available()
+    return t.needs_gpu and not t.is_available()
 
 
 def search_constraints(params: Any, target_names: list[str]) -> tuple[list[Constraint], list[str]]:

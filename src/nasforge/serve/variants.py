@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
+from nasforge.artifacts.benchmark_report import find_reports, model_dir
+from nasforge.artifacts.export_bundle import ExportBundle, find_bundles, onnx_twin, runtime_file
 from nasforge.errors import ModelFileError, TargetError, TrackingError
 from nasforge.hardware.targets import get_target
 from nasforge.runtimes.base import Runtime
 from nasforge.runtimes.registry import bundle_runtime, companion_files
 from nasforge.space.early_exit import MANIFEST as EARLY_EXIT_MANIFEST
-
-# The benchmark and export stages' manifests (nasforge.stages.benchmark / .export import torch,
-# data and tracking code a server does not need, so the names are repeated here).
-BENCHMARK_JSON = "benchmark.json"
-EXPORT_JSON = "export.json"
 
 
 @dataclasses.dataclass
@@ -88,11 +84,6 @@ def _content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def _benchmark_target(doc: dict[str, Any]) -> str | None:
-    t = doc.get("target")
-    return t.get("name") if isinstance(t, dict) else t
-
-
 def _twin_aliases(root: Path, runtime: Runtime, precision: str) -> dict[str, str]:
     """Content hash of each export's ONNX twin -> hash of the runtime's own file of the same
     model, so an ONNX copy (which OpenVINO also reads) and the IR converted from it count as
@@ -100,9 +91,9 @@ def _twin_aliases(root: Path, runtime: Runtime, precision: str) -> dict[str, str
     if ".onnx" not in runtime.suffixes:
         return {}
     out = {}
-    for ej in sorted(root.rglob(EXPORT_JSON)):
-        onnx = ej.parent / runtime.onnx_twin(precision)
-        own = ej.parent / runtime.layout(precision)
+    for bundle in find_bundles([root]):
+        onnx = onnx_twin(bundle, runtime, precision)
+        own = runtime_file(bundle, runtime, precision)
         if onnx.is_file() and own.is_file() and onnx != own:
             out[_content_hash(onnx)] = _content_hash(own)
     return out
@@ -126,30 +117,22 @@ def variants_from_dir(root: Path | str, target: str) -> list[VariantSpec]:
     runtime, precision = _runtime_precision(target)
     found: list[tuple[int, VariantSpec]] = []  # (preference, lower first; spec)
     seen: set[Path] = set()
-    for bj in sorted(root.rglob(BENCHMARK_JSON)):
-        try:
-            doc = json.loads(bj.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelFileError(f"{bj} is not valid JSON: {e}") from e
-        path = _pick_file(bj.parent / "model" / precision, runtime)
+    for folder, report in find_reports([root], required=False):
+        path = _pick_file(model_dir(folder, precision), runtime)
         if path is None:
             continue
-        res = doc.get("results", {}).get(precision, {})
-        acc = res.get("test_accuracy")
-        name = str(doc.get("candidate", bj.parent.name))
-        rank = 0 if _benchmark_target(doc) == target else 1
+        acc = report.results.get(precision, {}).get("test_accuracy")
+        name = report.candidate or folder.name
+        rank = 0 if report.target_name == target else 1
         found.append((rank, VariantSpec(name, path, acc, _model_size(path))))
-        seen.add(bj.parent.resolve())
-    for ej in sorted(root.rglob(EXPORT_JSON)):
-        if ej.parent.resolve() in seen:
+        seen.add(folder.resolve())
+    for folder in find_bundles([root]):
+        if folder.resolve() in seen:
             continue
-        path = ej.parent / runtime.layout(precision)
+        path = runtime_file(folder, runtime, precision)
         if not path.is_file():
             continue
-        try:
-            name = str(json.loads(ej.read_text()).get("candidate", ej.parent.name))
-        except json.JSONDecodeError as e:
-            raise ModelFileError(f"{ej} is not valid JSON: {e}") from e
+        name = ExportBundle.read(folder).candidate or folder.name
         found.append((2, VariantSpec(name, path, None, _model_size(path))))
     if precision == "fp32" and ".onnx" in runtime.suffixes:  # staged graphs: FP32 ONNX
         found.extend((0, v) for v in _early_exit_variants(root))

@@ -14,10 +14,11 @@ the macro space searched), built by :meth:`SearchSpace.from_params` for a search
 * **spec codec**: sampler parameters <-> spec (:meth:`~SearchSpace.spec_from_params`,
   :meth:`~SearchSpace.spec_to_params`), spec <-> JSON record (:meth:`~SearchSpace.spec_record`,
   :meth:`~SearchSpace.spec_from_record`; a record always holds ``arch_str``) and a one-line
-  display string (:meth:`~SearchSpace.display`, the record's ``arch_str``);
-* **sampler distributions** (:meth:`~SearchSpace.distributions`) and **validity**
+  display string (:meth:`~SearchSpace.display`, the record's ``arch_str``), and a one-line text
+  that reads back (:meth:`~SearchSpace.spec_text`, :meth:`~SearchSpace.spec_from_text`);
+* **sampler distributions** (:meth:`~SearchSpace.distributions`), **validity**
   (:meth:`~SearchSpace.validity`: points that must never be evaluated, e.g. cells without an
-  input-to-output path);
+  input-to-output path) and a uniform draw of a valid spec (:meth:`~SearchSpace.sample_spec`);
 * **networks**: the standalone network of a spec (:meth:`~SearchSpace.build_network`), the
   architecture fields of ``model.json`` (:meth:`~SearchSpace.model_fields`) and the network back
   from them (:meth:`~SearchSpace.network_from_model`);
@@ -36,6 +37,8 @@ in processes that never build a network.
 
 from __future__ import annotations
 
+import json
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -138,6 +141,25 @@ class SearchSpace(ABC):
             ModelFileError: the record lacks the fields; ConfigError: they hold no valid spec.
         """
 
+    def spec_text(self, spec: Any) -> str:
+        """One line of text naming ``spec`` that :meth:`spec_from_text` reads back (what space
+        coverage runs key their cases and checkpoints by). Default: the sampler parameters as
+        JSON."""
+        return json.dumps(self.spec_to_params(spec), sort_keys=True)
+
+    def spec_from_text(self, text: str) -> Any:
+        """The spec of a :meth:`spec_text`.
+
+        Raises:
+            ConfigError: ``text`` names no spec of this space.
+        """
+        from nasforge.errors import ConfigError
+
+        try:
+            return self.spec_from_params(json.loads(text))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"not a {self.name} architecture: {text!r} ({err})") from None
+
     # -- sampler ---------------------------------------------------------------------------------
 
     @abstractmethod
@@ -151,6 +173,16 @@ class SearchSpace(ABC):
     def validity(self) -> IsValid | None:
         """``params -> bool`` rejecting points that must never be evaluated; None: all valid."""
         return None
+
+    def sample_spec(self, rng: random.Random) -> Any:
+        """A valid spec drawn uniformly, each sampler parameter independently from its choices
+        (points :meth:`validity` rejects are drawn again)."""
+        choices = self.choices()
+        valid = self.validity()
+        while True:
+            params = {name: rng.choice(values) for name, values in choices.items()}
+            if valid is None or valid(params):
+                return self.spec_from_params(params)
 
     @classmethod
     def surrogate_features(cls, names: list[str], choices: list[list[Any]]) -> FeatureFn | None:

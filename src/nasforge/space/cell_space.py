@@ -167,6 +167,12 @@ class CellSearchSpace(SearchSpace):
             raise ModelFileError("a cell architecture needs its arch_str")
         return nb201.CellSpec.from_arch_str(record["arch_str"])
 
+    def spec_text(self, spec: nb201.CellSpec) -> str:  # noqa: D102
+        return spec.arch_str
+
+    def spec_from_text(self, text: str) -> nb201.CellSpec:  # noqa: D102
+        return nb201.CellSpec.from_arch_str(text)
+
     # -- sampler
 
     def distributions(self) -> dict[str, CategoricalDistribution]:  # noqa: D102

@@ -13,6 +13,7 @@ teacher is the largest spec of that part. Every spec is valid; latency comes fro
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,6 +134,14 @@ class MacroSearchSpace(SearchSpace):
             raise ModelFileError("a macro architecture needs its spec")
         return MacroSpec.from_json(json.dumps(record["spec"]))
 
+    def spec_text(self, spec: MacroSpec) -> str:  # noqa: D102
+        return spec.to_json()
+
+    def spec_from_text(self, text: str) -> MacroSpec:  # noqa: D102
+        from nasforge.space.macro import MacroSpec
+
+        return MacroSpec.from_json(text)
+
     # -- sampler
 
     def distributions(self) -> dict[str, CategoricalDistribution]:  # noqa: D102
@@ -144,6 +153,11 @@ class MacroSearchSpace(SearchSpace):
         from nasforge.supernet.macro_search import choices_search_space
 
         return choices_search_space(self.elastic)
+
+    def sample_spec(self, rng: random.Random) -> MacroSpec:
+        """A spec drawn uniformly per stage and dimension, in the supernet's own order (depths,
+        widths, kernels, expansions), so a seeded draw is the one the supernet would make."""
+        return self.elastic.sample(rng)
 
     # -- networks
 

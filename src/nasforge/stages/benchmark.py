@@ -21,13 +21,20 @@ Output: one sub-folder per candidate (``<candidate>/benchmark.json`` and ``<cand
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from nasforge.artifacts.benchmark_report import BENCHMARK_JSON, BenchmarkReport, model_dir
+from nasforge.artifacts.export_bundle import (
+    EXPORT_JSON,
+    ExportBundle,
+    find_bundles,
+    model_files,
+    onnx_twin,
+)
 from nasforge.bench.harness import measure, predict
 from nasforge.bench.sysinfo import system_info
 from nasforge.config import Params
@@ -37,15 +44,17 @@ from nasforge.hardware.energy import energy_per_inference
 from nasforge.hardware.memory import memory_report
 from nasforge.hardware.targets import get_target, runtime_target
 from nasforge.runtimes.registry import BASE_RUNTIME, bundle_runtime
-from nasforge.stages import StageResult
-from nasforge.stages.export import EXPORT_JSON, model_files, onnx_twin
+from nasforge.stages import NO_CONTEXT, StageContext, StageResult
 from nasforge.tracking.dvc import dvc_hash
-
-BENCHMARK_JSON = "benchmark.json"
 
 
 def run(
-    params: Params, dataset: Path, exported: list[Path], target: str, output: Path
+    params: Params,
+    dataset: Path,
+    exported: list[Path],
+    target: str,
+    output: Path,
+    ctx: StageContext = NO_CONTEXT,
 ) -> StageResult:
     """Benchmark every export folder in ``exported`` on ``target``."""
     t = get_target(target)
@@ -53,7 +62,7 @@ def run(
     data = load_prepared(dataset)
     metrics: dict[str, float] = {}
     # A folder may be one export or a parent of several (DVC passes artifacts/export).
-    folders = sorted({f.parent for d in exported for f in Path(d).rglob(EXPORT_JSON)})
+    folders = find_bundles(exported)
     if not folders:
         raise ModelFileError(
             f"no export folders (with {EXPORT_JSON}) in {', '.join(map(str, exported))}"
@@ -160,10 +169,10 @@ def _memory(
 
 def benchmark_one(params: Params, data, exported: Path, t, output_root: Path) -> dict[str, Any]:
     """Benchmark one export folder on target ``t``; write ``<output_root>/<candidate>/``."""
-    f = Path(exported) / EXPORT_JSON
-    if not f.is_file():
-        raise ModelFileError(f"not an export folder (no {EXPORT_JSON}): {exported}")
-    export = json.loads(f.read_text())
+    bundle = ExportBundle.read(exported)
+    if bundle.candidate is None or bundle.arch_str is None:
+        raise ModelFileError(f"{Path(exported) / EXPORT_JSON}: names no candidate/arch_str")
+    export = bundle.to_body()
     output = output_root / export["candidate"]
     x_test, y_test = data.numpy("test")
     run_target = t if t.kind == "runtime" else runtime_target(BASE_RUNTIME)
@@ -199,7 +208,7 @@ def benchmark_one(params: Params, data, exported: Path, t, output_root: Path) ->
         else:
             ms = float(t.lookup(export["arch_str"]))
             latency["1"] = {"p50_ms": ms, "source": "table", "batch_size": 1}
-        dest = output / "model" / precision
+        dest = model_dir(output, precision)
         dest.mkdir(parents=True, exist_ok=True)
         # Promotion registers an MLflow ONNX model with the runtime's own files alongside, so the
         # ONNX of this precision travels with a runtime that reads another format (OpenVINO IR).
@@ -233,9 +242,9 @@ def benchmark_one(params: Params, data, exported: Path, t, output_root: Path) ->
         "system": system_info(threads),
     }
     for precision in results:
-        results[precision]["dvc_md5"] = dvc_hash(output / "model" / precision)
+        results[precision]["dvc_md5"] = dvc_hash(model_dir(output, precision))
     doc["results"] = results
-    (output / BENCHMARK_JSON).write_text(json.dumps(doc, indent=2, default=str))
+    BenchmarkReport.from_dict(doc).write(output)
     print(
         f"  {export['candidate']} on {t.name}: int8 acc {results['int8']['test_accuracy']:.4f}, "
         f"p50@1 {results['int8']['latency'].get('1', {}).get('p50_ms', float('nan')):.3f} ms; "

@@ -12,24 +12,22 @@ recorded in ``export.json`` and promotion rejects that runtime/precision.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nasforge.compress.qat import load_quantized
+from nasforge.artifacts.export_bundle import EXPORT_JSON, ExportBundle
+from nasforge.artifacts.quantized_model import QuantizedModel, load_program
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
 from nasforge.errors import ModelFileError, TargetError, naming_architecture
 from nasforge.hardware.targets import get_target
-from nasforge.models import MODEL_JSON, load_model, read_meta
+from nasforge.models import load_model
 from nasforge.runtimes.base import PRECISIONS, Exported, ExportSources, Runtime
 from nasforge.runtimes.registry import BASE_RUNTIME, bundle_runtime, get_runtime, list_runtimes
-from nasforge.stages import StageResult
-from nasforge.stages.qat import QUANTIZED
+from nasforge.stages import NO_CONTEXT, StageContext, StageResult
 
-EXPORT_JSON = "export.json"
 #: Files of the runtimes every bundle has (exported by default), ``{(runtime, precision): path}``
 #: relative to the bundle; a bundle may hold more (``export.json``'s ``files`` lists them).
 FILES = {
@@ -40,19 +38,6 @@ FILES = {
 }
 #: Training images runtimes with their own INT8 scheme calibrate on.
 CALIBRATION_SAMPLES = 256
-
-
-def model_files(export_dir: Path, runtime: str, precision: str) -> list[Path]:
-    """Files making up one exported model of a runtime (an IR has a ``.bin`` beside its
-    ``.xml``); a runtime that loads another's files gets those."""
-    rt = bundle_runtime(get_runtime(runtime))
-    return rt.model_files(Path(export_dir) / rt.layout(precision))
-
-
-def onnx_twin(export_dir: Path, runtime: str, precision: str) -> Path:
-    """The ONNX graph in a bundle that is the same model as ``runtime``'s file of
-    ``precision`` (what the memory model reads and promotion registers)."""
-    return Path(export_dir) / bundle_runtime(get_runtime(runtime)).onnx_twin(precision)
 
 
 def bundle_runtimes(targets: list[str]) -> list[Runtime]:
@@ -81,17 +66,25 @@ def bundle_runtimes(targets: list[str]) -> list[Runtime]:
     return out
 
 
-def run(params: Params, dataset: Path, model: Path, quantized: Path, output: Path) -> StageResult:
+def run(
+    params: Params,
+    dataset: Path,
+    model: Path,
+    quantized: Path,
+    output: Path,
+    ctx: StageContext = NO_CONTEXT,
+) -> StageResult:
     """Export the fp32 model artifact ``model`` and the INT8 artifact ``quantized`` to ``output``."""
     net, meta = load_model(model)
-    qmeta = read_meta(quantized)
+    qmodel = QuantizedModel.read(quantized)
+    qmeta = qmodel.meta
     if qmeta.get("candidate") != meta.get("candidate"):
         raise ModelFileError(
             f"fp32 model {model} ({meta.get('candidate')}) and INT8 model {quantized} "
             f"({qmeta.get('candidate')}) are different candidates"
         )
     runtimes = bundle_runtimes(params.targets)
-    qprog = load_quantized(Path(quantized) / QUANTIZED)
+    qprog = load_program(quantized)
     data = load_prepared(dataset)
     x_test, _ = data.numpy("test")
     x_train, _ = data.numpy("train")
@@ -137,14 +130,14 @@ def run(params: Params, dataset: Path, model: Path, quantized: Path, output: Pat
         "size_bytes": sizes,
         "parity": parity,
         "parity_min_top1": min_top1,
-        "quant_scheme": qmeta.get("quant_scheme"),
+        "quant_scheme": qmodel.quant_scheme,
         "model": {k: meta[k] for k in ("input_shape", "mean", "std", "classes", "shape")},
         "history": qmeta.get("history", []),
     }
     if quantization:
         doc["quantization"] = quantization  # runtimes that quantize by their own scheme
-    (output / EXPORT_JSON).write_text(json.dumps(doc, indent=2))
-    (output / MODEL_JSON).write_text(json.dumps(qmeta, indent=2))
+    ExportBundle.from_dict(doc).write(output)
+    qmodel.write(output)  # the INT8 model's description travels with its files
     metrics = {}
     for key, p in parity.items():
         tag = key.replace("/", "_")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nasforge.artifacts.dataset import META_JSON
 from nasforge.config import Params
 from nasforge.data.prepared import save_prepared, split_raw
 from nasforge.data.sources import load_source
-from nasforge.stages import StageResult
+from nasforge.stages import NO_CONTEXT, StageContext, StageResult
 
 
-def run(params: Params, output: Path) -> StageResult:
+def run(params: Params, output: Path, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """Load ``params.data.source`` and write ``dataset.npz`` + ``meta.json`` to ``output``."""
     p = params.data
     raw = load_source(p.source, p.image_size, p.max_per_class)
@@ -25,5 +26,5 @@ def run(params: Params, output: Path) -> StageResult:
         metrics={f"n_{k}": v for k, v in meta["counts"].items()},
         tags={"dataset.sha256": meta["sha256"], "dataset.source": p.source},
         model_dir=output,
-        artifacts=[output / "meta.json"],
+        artifacts=[output / META_JSON],
     )

@@ -16,14 +16,13 @@ their intervals, accuracies, content hashes, rounds, runtime, machine) as versio
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
+from nasforge.artifacts.benchmark_report import find_reports, model_dir
+from nasforge.artifacts.promotion import PROMOTION_JSON, Promotion
 from nasforge.config import Params
-from nasforge.errors import ModelFileError
-from nasforge.stages import StageResult
-from nasforge.stages.benchmark import BENCHMARK_JSON
+from nasforge.stages import NO_CONTEXT, StageContext, StageResult
 from nasforge.tracking.gate import GateSettings
 from nasforge.tracking.registry import (
     Challenger,
@@ -32,26 +31,6 @@ from nasforge.tracking.registry import (
     model_name_for,
     register_and_promote,
 )
-
-PROMOTION_JSON = "promotion.json"
-
-
-def load_benchmarks(dirs: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
-    """Read every ``benchmark.json`` below each folder (a benchmark output or a parent of several).
-
-    A folder without results, or a corrupt file, is an error rather than a silent skip.
-    """
-    out = []
-    for d in dirs:
-        files = sorted(Path(d).rglob(BENCHMARK_JSON))
-        if not files:
-            raise ModelFileError(f"not a benchmark folder (no */{BENCHMARK_JSON}): {d}")
-        for f in files:
-            try:
-                out.append((f.parent, json.loads(f.read_text())))
-            except json.JSONDecodeError as err:
-                raise ModelFileError(f"corrupt {f}: {err}") from None
-    return out
 
 
 def parity_problem(params: Params, r: dict[str, Any], precision: str) -> str | None:
@@ -123,9 +102,12 @@ def _not_benchmarked(target: str) -> str:
     return "no benchmark results for this target"
 
 
-def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> StageResult:
-    """Decide and register per target; ``run_id`` is the MLflow run that stores the model files."""
-    entries = load_benchmarks(benchmarks)
+def run(
+    params: Params, benchmarks: list[Path], output: Path, ctx: StageContext = NO_CONTEXT
+) -> StageResult:
+    """Decide and register per target; ``ctx.run_id`` is the MLflow run that stores the models."""
+    # A folder without results, or a corrupt report, is an error rather than a silent skip.
+    entries = [(d, r.to_body()) for d, r in find_reports(benchmarks)]
     by_target: dict[str, list] = {}
     for d, doc in entries:
         by_target.setdefault(doc["target"]["name"], []).append((d, doc))
@@ -155,7 +137,7 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
         lat = r["latency"].get("1", next(iter(r["latency"].values())))["p50_ms"]
         challenger = Challenger(
             target=target,
-            files=Path(d) / "model" / precision,
+            files=model_dir(d, precision),
             accuracy=r["test_accuracy"],
             latency_p50_ms=lat,
             size_bytes=r["size_bytes"],
@@ -167,7 +149,7 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
         model_name = model_name_for(tp.model_prefix, target)
         decision = register_and_promote(
             tp.uri,
-            run_id,
+            ctx.run_id,
             model_name,
             challenger,
             params.promote.accuracy_tolerance,
@@ -182,9 +164,7 @@ def run(params: Params, benchmarks: list[Path], output: Path, run_id: str) -> St
         )
     output.mkdir(parents=True, exist_ok=True)
     gate = dataclasses.asdict(settings)
-    (output / PROMOTION_JSON).write_text(
-        json.dumps({"gate": gate, "decisions": decisions}, indent=2, default=str)
-    )
+    Promotion.from_dict({"gate": gate, "decisions": decisions}).write(output)
     metrics = {
         "promoted": sum(1 for d in decisions if d["promoted"]),
         "registered": sum(1 for d in decisions if d.get("registered")),

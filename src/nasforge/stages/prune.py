@@ -7,17 +7,19 @@ from pathlib import Path
 
 import torch
 
-from nasforge.checkpoint import checkpoint_for, current_work_dir
+from nasforge.checkpoint import checkpoint_for
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
 from nasforge.errors import naming_architecture
-from nasforge.models import load_model, save_model
+from nasforge.models import MODEL_JSON, load_model, save_model
 from nasforge.space.cell import count_parameters
-from nasforge.stages import StageResult
+from nasforge.stages import NO_CONTEXT, StageContext, StageResult
 from nasforge.training import accuracy, fit
 
 
-def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult:
+def run(
+    params: Params, dataset: Path, model: Path, output: Path, ctx: StageContext = NO_CONTEXT
+) -> StageResult:
     """Prune the model artifact ``model`` and write the smaller one to ``output``."""
     pp = params.prune
     net, meta = load_model(model)
@@ -62,7 +64,7 @@ def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult
                 steps=pp.steps,
                 finetune=finetune if epochs_per_step else None,
                 grad_fn=gradients if pp.importance == "taylor" else None,
-                checkpoint_dir=current_work_dir(),
+                checkpoint_dir=ctx.work_dir,
             )
     else:
         report = {"skipped": True}
@@ -77,7 +79,7 @@ def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult
         if isinstance(v, int | float) and not isinstance(v, bool):
             metrics[f"prune_{k}"] = v
     meta["history"] = [*meta.get("history", []), {"stage": "prune", **metrics}]
-    save_model(net, output, meta)
+    save_model(net, output, meta, pruned=pp.channel_ratio > 0)
     print(
         f"  pruned {meta['candidate']}: params {before['params']} -> {metrics['params']}, val {before['val_accuracy']:.4f} -> {metrics['val_accuracy']:.4f}",
         flush=True,
@@ -86,5 +88,5 @@ def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult
         metrics=metrics,
         tags={"candidate": meta["candidate"]},
         model_dir=output,
-        artifacts=[output / "model.json"],
+        artifacts=[output / MODEL_JSON],
     )

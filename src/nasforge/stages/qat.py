@@ -3,24 +3,33 @@ converted and saved as a ``torch.export`` program for the export stage."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from nasforge.artifacts.quantized_model import (
+    MODEL_JSON,
+    PROGRAM,
+    QuantizedModel,
+    load_program,
+    save_program,
+)
 from nasforge.checkpoint import checkpoint_for
-from nasforge.compress.qat import load_quantized, quantize_qat, save_quantized
+from nasforge.compress.qat import quantize_qat
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
 from nasforge.errors import naming_architecture
-from nasforge.models import MODEL_JSON, load_model
-from nasforge.stages import StageResult
+from nasforge.models import load_model
+from nasforge.stages import NO_CONTEXT, StageContext, StageResult
 from nasforge.training import accuracy
 
-QUANTIZED = "model_int8.pt2"
+#: The INT8 program of the folder (the name lives with the artifact).
+QUANTIZED = PROGRAM
 
 
-def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult:
+def run(
+    params: Params, dataset: Path, model: Path, output: Path, ctx: StageContext = NO_CONTEXT
+) -> StageResult:
     """Quantize the model artifact ``model`` with QAT; write ``model_int8.pt2`` + ``model.json``."""
     qp = params.qat
     net, meta = load_model(model)
@@ -43,10 +52,9 @@ def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult
             freeze_bn_after_epochs=qp.freeze_bn_after_epochs,
             checkpoint=checkpoint_for("qat"),
         )
-    output.mkdir(parents=True, exist_ok=True)
-    save_quantized(result.model, example, output / QUANTIZED, meta={"scheme": result.scheme})
+    save_program(result.model, example, output, result.scheme)
     # Accuracy of what was saved, reloaded, so the number is the artifact's and not the in-memory graph's.
-    reloaded = load_quantized(output / QUANTIZED).module()
+    reloaded = load_program(output).module()
     metrics = {
         "fp32_val_accuracy": fp32_val,
         "val_accuracy": accuracy(reloaded, x_val, y_val),
@@ -56,8 +64,8 @@ def run(params: Params, dataset: Path, model: Path, output: Path) -> StageResult
         *meta.get("history", []),
         {"stage": "qat", **metrics, "scheme": result.scheme},
     ]
-    meta["quant_scheme"] = result.scheme
-    (output / MODEL_JSON).write_text(json.dumps(meta, indent=2))
+    meta.pop("quant_scheme", None)
+    QuantizedModel(quant_scheme=result.scheme, meta=meta).write(output)
     print(
         f"  QAT {meta['candidate']}: val {fp32_val:.4f} (fp32) -> {metrics['val_accuracy']:.4f} (int8), scheme {result.scheme}",
         flush=True,

@@ -15,13 +15,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nasforge.artifacts.benchmark_report import find_reports
+from nasforge.artifacts.promotion import Promotion
+from nasforge.artifacts.search_result import SearchHistory, read_pareto
 from nasforge.config import Params
 from nasforge.report import analysis
 from nasforge.report import tracking as tracking_info
 from nasforge.report.html import hypervolume_plot_png, pareto_plot_png, render, target_plot_png
-from nasforge.stages import StageResult
-from nasforge.stages.promote import PROMOTION_JSON, load_benchmarks
-from nasforge.stages.search import load_pareto
+from nasforge.stages import NO_CONTEXT, StageContext, StageResult
 from nasforge.tracking.registry import alias_for
 
 
@@ -200,30 +201,27 @@ def run(
     promotion: Path,
     benchmarks: list[Path],
     output: Path,
-    run_id: str | None,
-    parent_run_id: str | None = None,
+    ctx: StageContext = NO_CONTEXT,
 ) -> StageResult:
     """Write ``report.html`` and ``summary.json`` to ``output``.
 
     The summary's ``run_id`` is the pipeline's parent MLflow run (the report's own run when the
     stage runs alone), which also names ``runs/<run-id>/``.
     """
-    own_run_id = run_id
-    run_id = parent_run_id or run_id or "untracked"
-    pareto = load_pareto(search)
-    history = json.loads((Path(search) / "history.json").read_text())
-    pareto = {**pareto, "trials": history["trials"]}
-    prom = json.loads((Path(promotion) / PROMOTION_JSON).read_text())
+    own_run_id = ctx.run_id
+    run_id = ctx.parent_run_id or own_run_id or "untracked"
+    pareto = {**read_pareto(search), "trials": SearchHistory.read(search).trials}
+    prom = Promotion.read(promotion).to_body()
     problem = tracking_info.reachable(params.tracking.uri)
     summary = build_summary(params, run_id, prom, Path(search), tracking_problem=problem)
-    docs = load_benchmarks(benchmarks)
+    docs = [(d, r.to_body()) for d, r in find_reports(benchmarks)]
     rows, resource_rows = benchmark_tables(params, docs)
     models = [
         {"target": t, "model_name": s["model_name"], "version": s["version"]}
         for t, s in summary["targets"].items()
         if s.get("version")
     ]
-    info = tracking_info.tracking_info(params.tracking.uri, parent_run_id, own_run_id, models)
+    info = tracking_info.tracking_info(params.tracking.uri, ctx.parent_run_id, own_run_id, models)
     trials = pareto["trials"]
     objectives = list(pareto.get("objectives") or [])
     curve = analysis.hypervolume_curve(trials, objectives)

@@ -1,5 +1,12 @@
 """Run one stage the same way for every caller (CLI, KFP component, DVC via the CLI).
 
+Everything stage-specific comes from the stage's declaration
+(:mod:`nasforge.stages.declarations`); the stage function gets an explicit
+:class:`~nasforge.stages.StageContext` (its MLflow run, the parent run, its work folder). The CLI
+calls :func:`execute`, each KFP component's body is :func:`run_task`, and ``dvc.yaml`` calls the
+CLI, so MLflow runs are opened and closed the same way for all three: a nested run per stage, and
+the pipeline's parent run marked finished by the stage that ends the pipeline (``report``).
+
 The runner adds what the pure stage functions leave out: thread and seed settings, an atomic
 output folder (the stage writes into a hidden sibling that replaces ``output`` only on success, so
 a failure never leaves a half-written artifact), the stage's nested MLflow run with its metrics,
@@ -17,7 +24,6 @@ log, so the pipeline's last line can name it, and a task whose ``nasforge run`` 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 import random
@@ -31,33 +37,14 @@ from typing import Any
 
 from nasforge import checkpoint
 from nasforge.config import Params
-from nasforge.stages import StageResult
+from nasforge.errors import ConfigError
+from nasforge.stages import StageContext, StageResult
+from nasforge.stages.declarations import StageDeclaration, declaration
 
 #: Set by ``nasforge run``: the JSON-lines file a failing stage appends its one-line error to,
 #: and the pid of the ``nasforge run`` process (a task whose runner died exits).
 ERROR_LOG_ENV = "NASFORGE_ERROR_LOG"
 PARENT_PID_ENV = "NASFORGE_PARENT_PID"
-
-STAGE_MODULES = {
-    "prepare-data": "prepare_data",
-    "search": "search",
-    "train": "train",
-    "prune": "prune",
-    "qat": "qat",
-    "export": "export",
-    "benchmark": "benchmark",
-    "promote": "promote",
-    "report": "report",
-}
-# Stages whose output is a dataset or model that DVC should version and MLflow should reference.
-VERSIONED = {"prepare-data", "search", "train", "prune", "qat", "export"}
-
-
-def stage_function(stage: str) -> Callable[..., StageResult]:
-    """The ``run`` function of a stage module."""
-    import importlib
-
-    return importlib.import_module(f"nasforge.stages.{STAGE_MODULES[stage]}").run
 
 
 def _seed_everything(seed: int, threads: int) -> None:
@@ -141,19 +128,38 @@ def execute(
 ) -> StageResult:
     """Run ``stage`` with ``inputs`` and write its artifact to ``output``.
 
+    What the stage is — its function, inputs, whether its output is versioned, whether it needs
+    its own MLflow run, whether it ends the pipeline's parent run — comes from its
+    :class:`~nasforge.stages.declarations.StageDeclaration`. The stage function is called as
+    ``run(params, **inputs, output=<temporary folder>, ctx=StageContext(...))``.
+
     Args:
-        stage: One of :data:`nasforge.stages.STAGES`.
+        stage: One of :data:`nasforge.stages.declarations.STAGES`.
         params: The validated configuration.
         output: Output folder (replaced atomically on success).
-        parent_run_id: MLflow run to nest this stage's run under.
-        run_name: Name of the stage's MLflow run (defaults to the stage name).
+        parent_run_id: MLflow run to nest this stage's run under (empty: not nested). When the
+            stage ends the pipeline (``report``), this run is marked finished after it succeeds.
+        run_name: Name of the stage's MLflow run (default: the declaration's, e.g.
+            ``train-cand-0``).
         tracking: Log to MLflow (always on in pipelines; tests may switch it off).
-        **inputs: The stage's input artifact paths and options.
+        **inputs: The stage's inputs, exactly as declared.
 
     Returns:
         The stage's result.
+
+    Raises:
+        ConfigError: Unknown stage, inputs other than the declared ones, or tracking off for a
+            stage that needs its MLflow run.
     """
-    fn = stage_function(stage)
+    decl = declaration(stage)
+    decl.check_inputs(inputs)
+    if decl.needs_tracking_run and not tracking:
+        raise ConfigError(
+            f"{stage} stores its models in its MLflow run and cannot run with tracking off "
+            "(drop --no-tracking)"
+        )
+    parent_run_id = parent_run_id or None
+    fn = decl.function()
     output = Path(output).absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
     _watch_parent()
@@ -162,20 +168,16 @@ def execute(
     key = checkpoint.stage_key(stage, params.to_json(), inputs)
     work = checkpoint.work_dir_for(stage, output, key)
     _seed_everything(params.run.seed, params.run.threads)
-    label = run_name or stage
+    label = run_name or decl.label(inputs)
     print(f"==> [{label}] started", flush=True)
     t0 = time.perf_counter()
 
     def call(run_id: str | None) -> StageResult:
-        kwargs = dict(inputs)
-        accepted = inspect.signature(fn).parameters
-        if "run_id" in accepted:
-            kwargs["run_id"] = run_id
-        if "parent_run_id" in accepted:
-            kwargs["parent_run_id"] = parent_run_id
+        ctx = StageContext(run_id=run_id, parent_run_id=parent_run_id, work_dir=work)
+        # Loops deep in library code (training, supernet) find their checkpoints through it.
         token = checkpoint.set_current_work_dir(work)
         try:
-            result = fn(params, output=tmp, **kwargs)
+            result = fn(params, **inputs, output=tmp, ctx=ctx)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -194,7 +196,7 @@ def execute(
         return result
 
     try:
-        result = _tracked(stage, params, output, label, parent_run_id, tracking, inputs, call, t0)
+        result = _tracked(decl, params, output, label, parent_run_id, tracking, inputs, call, t0)
     except BaseException as err:
         _log_error(label, err)
         raise
@@ -202,8 +204,50 @@ def execute(
     return result
 
 
+def run_task(
+    stage: str, params_json: str, parent_run_id: str, output: Any, **inputs: Any
+) -> StageResult | list[int]:
+    """The body of every KFP component: run ``stage`` through :func:`execute`.
+
+    KFP artifacts (anything with a ``path``) become folders, lists of them lists of folders (one
+    artifact given to a many-folder input becomes a list of one); values pass unchanged. For a stage whose declaration has a ``loop_metric`` the candidate
+    indices ``[0, n)`` are returned, for the DAG's ``ParallelFor``.
+
+    Args:
+        stage: The stage's name.
+        params_json: ``params.yaml`` as JSON (the pipeline parameter).
+        parent_run_id: The pipeline's MLflow run (empty: not nested).
+        output: The component's output artifact.
+        **inputs: The component's inputs, named as the stage's declared inputs.
+
+    Returns:
+        The stage's result, or the loop's indices.
+    """
+    from nasforge.config import params_from_json
+
+    decl = declaration(stage)
+    kinds = {i.name: i.kind for i in decl.inputs}
+
+    def value(name: str, v: Any) -> Any:
+        if isinstance(v, list):
+            return [Path(a.path) for a in v]
+        if hasattr(v, "path"):
+            # A task given one folder of a many-folder input (one candidate's export).
+            return [Path(v.path)] if kinds.get(name) == "artifacts" else Path(v.path)
+        return v
+
+    result = execute(
+        stage,
+        params_from_json(params_json),
+        Path(output.path),
+        parent_run_id=parent_run_id or None,
+        **{k: value(k, v) for k, v in inputs.items()},
+    )
+    return list(range(int(result.metrics[decl.loop_metric]))) if decl.loop_metric else result
+
+
 def _tracked(
-    stage: str,
+    decl: StageDeclaration,
     params: Params,
     output: Path,
     label: str,
@@ -215,36 +259,39 @@ def _tracked(
 ) -> StageResult:
     """Run ``call`` inside the stage's MLflow run (or bare), logging what it produced."""
     if not tracking:
-        result = call(None)
-    else:
-        from nasforge.tracking.mlflow_runs import stage_run
+        return call(None)
+    from nasforge.tracking.mlflow_runs import close_run, stage_run
 
-        tp = params.tracking
-        with stage_run(tp.uri, tp.experiment, stage, parent_run_id, run_name=label) as run:
-            run.set_tags(
-                {
-                    "nasforge.output": str(output),
-                    **{k: v for k, v in inputs.items() if isinstance(v, str | int)},
-                }
-            )
-            if inputs.get("dataset") is not None:
-                _log_dataset(tp.uri, run.run_id, Path(inputs["dataset"]), stage)
-            result = call(run.run_id)
-            seconds = time.perf_counter() - t0
-            run.log_metrics({**result.metrics, "stage_seconds": seconds})
-            tags = dict(result.tags)
-            if stage in VERSIONED and result.model_dir is not None:
-                from nasforge.tracking.dvc import push
+    stage = decl.name
+    tp = params.tracking
+    with stage_run(tp.uri, tp.experiment, stage, parent_run_id, run_name=label) as run:
+        run.set_tags(
+            {
+                "nasforge.output": str(output),
+                **{k: v for k, v in inputs.items() if isinstance(v, str | int)},
+            }
+        )
+        if inputs.get("dataset") is not None:
+            _log_dataset(tp.uri, run.run_id, Path(inputs["dataset"]), stage)
+        result = call(run.run_id)
+        seconds = time.perf_counter() - t0
+        run.log_metrics({**result.metrics, "stage_seconds": seconds})
+        tags = dict(result.tags)
+        if decl.versioned and result.model_dir is not None:
+            from nasforge.tracking.dvc import push
 
-                # Pushing returns the same md5 that `dvc add` / dvc.lock would record.
-                tags["dvc.md5"] = push(result.model_dir, Path(tp.dvc_remote).absolute())
-                tags["dvc.remote"] = str(Path(tp.dvc_remote).absolute())
-            run.set_tags(tags)
-            if stage == "prepare-data":
-                _log_dataset(tp.uri, run.run_id, output, stage, tags.get("dvc.md5"))
-            for art in result.artifacts:
-                if Path(art).exists():
-                    run.log_artifact(art)
+            # Pushing returns the same md5 that `dvc add` / dvc.lock would record.
+            tags["dvc.md5"] = push(result.model_dir, Path(tp.dvc_remote).absolute())
+            tags["dvc.remote"] = str(Path(tp.dvc_remote).absolute())
+        run.set_tags(tags)
+        if decl.versioned:  # a prepared dataset it produced (other outputs are skipped)
+            _log_dataset(tp.uri, run.run_id, output, stage, tags.get("dvc.md5"))
+        for art in result.artifacts:
+            if Path(art).exists():
+                run.log_artifact(art)
+    if decl.ends_parent_run and parent_run_id:
+        # The pipeline's last stage: its parent run ends here, for every caller alike.
+        close_run(tp.uri, parent_run_id)
     return result
 
 

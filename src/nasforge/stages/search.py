@@ -19,7 +19,6 @@ re-evaluating trials.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -27,11 +26,18 @@ from typing import Any
 
 import torch
 
+from nasforge.artifacts.search_result import (
+    HISTORY_JSON,
+    PARETO_JSON,
+    STUDY,
+    SUPERNET,
+    SearchHistory,
+    SearchResult,
+)
 from nasforge.atomic import save_safetensors
-from nasforge.checkpoint import current_work_dir
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
-from nasforge.errors import ConfigError, ModelFileError
+from nasforge.errors import ConfigError
 from nasforge.search.driver import search_subnets, select_candidates, skipped_trials
 from nasforge.search.objectives import column_kind
 from nasforge.search.setup import (
@@ -44,7 +50,7 @@ from nasforge.search.setup import (
 from nasforge.search.subnet_metrics import SubnetEvaluator, SubnetMetrics
 from nasforge.space.base import SearchSpace
 from nasforge.space.registry import get_space, space_names
-from nasforge.stages import StageResult
+from nasforge.stages import NO_CONTEXT, StageContext, StageResult
 
 
 def check_prior(space: type[SearchSpace], prior: str) -> None:
@@ -67,7 +73,7 @@ def check_targets(space: type[SearchSpace], targets: list[Any]) -> None:
         )
 
 
-def run(params: Params, dataset: Path, output: Path) -> StageResult:
+def run(params: Params, dataset: Path, output: Path, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """Train the supernet of ``params.space`` on ``dataset``; write the Pareto candidates.
 
     Writes ``supernet.safetensors``, ``study.db``, ``pareto.json`` and ``history.json`` to
@@ -97,14 +103,14 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
     x_train, y_train = data.tensors("train")
     x_val, y_val = data.tensors("val")
 
-    work = current_work_dir() or output
+    work = ctx.work_dir or output
     t0 = time.perf_counter()
     trained = space.train_supernet(supernet, params, x_train, y_train)
     supernet_seconds = time.perf_counter() - t0
     output.mkdir(parents=True, exist_ok=True)
     save_safetensors(
         {k: v.contiguous() for k, v in supernet.state_dict().items()},
-        output / "supernet.safetensors",
+        output / SUPERNET,
     )
 
     setup = objective_setup(params, predictor)
@@ -127,7 +133,7 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
     t1 = time.perf_counter()
     # The study lives in the work folder, which outlives a killed attempt: a rerun keeps every
     # finished trial. It is copied into the output when the search is done.
-    storage = f"sqlite:///{work / 'study.db'}"
+    storage = f"sqlite:///{work / STUDY}"
     records = search_subnets(
         evaluator,
         objectives=setup["objectives"],
@@ -142,7 +148,7 @@ def run(params: Params, dataset: Path, output: Path) -> StageResult:
     )
     search_seconds = time.perf_counter() - t1
     if work != output:
-        shutil.copy2(work / "study.db", output / "study.db")
+        shutil.copy2(work / STUDY, output / STUDY)
     candidates = select_candidates(
         records,
         setup["objectives"],
@@ -210,10 +216,8 @@ def finish_search(
     tags: dict[str, str] | None = None,
 ) -> StageResult:
     """Write ``pareto.json`` and ``history.json`` and summarize the search."""
-    (output / "pareto.json").write_text(json.dumps(pareto, indent=2))
-    (output / "history.json").write_text(
-        json.dumps({"supernet_loss": losses, "trials": records, "strategy": strategy}, indent=2)
-    )
+    SearchResult.from_dict(pareto).write(output)
+    SearchHistory(trials=records, supernet_loss=losses, strategy=strategy).write(output)
     best = min(records, key=lambda r: r["objectives"]["val_error"])
     print(
         f"  Pareto front: {len(pareto['front'])} subnets; {len(pareto['candidates'])} candidates",
@@ -231,16 +235,5 @@ def finish_search(
         },
         tags={"strategy": strategy, "best_arch_str": best["arch_str"], **(tags or {})},
         model_dir=output,
-        artifacts=[output / "pareto.json", output / "history.json"],
+        artifacts=[output / PARETO_JSON, output / HISTORY_JSON],
     )
-
-
-def load_pareto(search_dir: Path) -> dict[str, Any]:
-    """Read ``pareto.json`` written by :func:`run`."""
-    f = Path(search_dir) / "pareto.json"
-    if not f.is_file():
-        raise ModelFileError(f"not a search output (no pareto.json): {search_dir}")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelFileError(f"corrupt {f}: {err}") from None

@@ -16,16 +16,16 @@ from typing import Any
 
 import torch
 
+from nasforge.artifacts.search_result import read_pareto
 from nasforge.checkpoint import EpochCheckpoint, checkpoint_for
 from nasforge.config import Params
 from nasforge.data.prepared import load_prepared
 from nasforge.errors import ConfigError, ModelFileError
-from nasforge.models import save_model
+from nasforge.models import MODEL_JSON, save_model
 from nasforge.search.hparams import tune
 from nasforge.space.cell import count_parameters
 from nasforge.space.registry import space_of
-from nasforge.stages import StageResult
-from nasforge.stages.search import load_pareto
+from nasforge.stages import NO_CONTEXT, StageContext, StageResult
 from nasforge.training import accuracy, fit, recalibrate_bn
 
 
@@ -78,10 +78,17 @@ def networks(
     return teacher, student, {"space": space.name, **space.model_fields(spec)}
 
 
-def run(params: Params, dataset: Path, search: Path, candidate: int, output: Path) -> StageResult:
+def run(
+    params: Params,
+    dataset: Path,
+    search: Path,
+    candidate: int,
+    output: Path,
+    ctx: StageContext = NO_CONTEXT,
+) -> StageResult:
     """Fine-tune candidate ``candidate`` of ``search``'s Pareto set and write a model artifact."""
     tp = params.train
-    pareto = load_pareto(search)
+    pareto = read_pareto(search)
     cands = pareto["candidates"]
     if not 0 <= candidate < len(cands):
         raise ConfigError(f"candidate {candidate} does not exist; the search produced {len(cands)}")
@@ -163,5 +170,5 @@ def run(params: Params, dataset: Path, search: Path, candidate: int, output: Pat
         metrics=metrics,
         tags={"candidate": cand["id"], "arch_str": arch["arch_str"], "space": arch["space"]},
         model_dir=output,
-        artifacts=[output / "model.json"],
+        artifacts=[output / MODEL_JSON],
     )

@@ -45,14 +45,11 @@ def dataset_input(dataset_dir: Path, context: str, dvc_md5: str | None = None):
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.types import Schema, TensorSpec
 
-    from nasforge.errors import DataError
+    from nasforge.artifacts.dataset import Dataset as PreparedDataset
     from nasforge.tracking.dvc import dvc_hash
 
     dataset_dir = Path(dataset_dir).absolute()
-    try:
-        meta = json.loads((dataset_dir / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"not a prepared dataset (meta.json: {err}): {dataset_dir}") from None
+    meta = PreparedDataset.read(dataset_dir).to_body()
     schema = Schema(
         [
             TensorSpec(np.dtype("uint8"), (-1, *meta["input_shape"]), "images"),

@@ -28,11 +28,6 @@ EXTRA_DIR = "extra_files"
 #: ONNX protobufs above ~2 GB need external data; below it one self-contained file is simpler to
 #: serve and to compare.
 _EXTERNAL_DATA_BYTES = 1_500_000_000
-_PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +151,7 @@ def log_onnx_model(
     import onnx
     import onnxruntime as ort
 
+    from nasforge.runtimes.onnxruntime import PROVIDERS
     from nasforge.tracking.mlflow_runs import client
 
     c = client(uri)
@@ -187,7 +183,8 @@ def log_onnx_model(
                 f"onnxruntime=={ort.__version__}",
                 f"numpy=={np.__version__}",
             ],
-            onnx_execution_providers=_PROVIDERS.get(device, _PROVIDERS["cpu"]),
+            # the ONNX flavour runs in ONNX Runtime: its execution providers for the device
+            onnx_execution_providers=PROVIDERS.get(device, PROVIDERS["cpu"]),
             onnx_session_options={
                 "intra_op_num_threads": int(threads),
                 "inter_op_num_threads": 1,
