@@ -194,14 +194,55 @@ def _failed_stage(error_log: Path) -> str | None:
     return f"{last['stage']}: {last['error']}"
 
 
-def _raise_on_sigterm() -> None:
-    """SIGTERM (a CI timeout, `kill`) ends the run like Ctrl-C: state kept, run resumable."""
+class _Interrupts:
+    """SIGTERM (a CI timeout, `kill`) or SIGINT ends the run within seconds: state kept, resumable.
 
-    def handler(signum, frame):  # noqa: ARG001
+    Either signal raises KeyboardInterrupt in the main thread and terminates this process's task
+    subprocesses, now and any started until :meth:`restore` (a SIGTERM reaches only this
+    process). kfp.local runs a ParallelFor in a thread pool and, on the way out of an
+    interrupted loop, waits for every iteration's chain of tasks to finish
+    (``executor.shutdown(wait=True)``): without this an interrupted run went on training and
+    benchmarking for minutes. Tasks checkpoint as they go, so a terminated task loses nothing
+    the next run needs.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._done = threading.Event()
+        self._reaping = False
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        """Take over SIGTERM and SIGINT (main thread only; elsewhere signals are left alone)."""
+        with contextlib.suppress(ValueError):
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    def restore(self) -> None:
+        """Stop terminating tasks and give the signals back."""
+        self._done.set()
+        for sig, previous in self._previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, previous)  # type: ignore[arg-type]
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        if not self._reaping:
+            import threading
+
+            self._reaping = True
+            threading.Thread(target=self._reap, name="nasforge-stop-tasks", daemon=True).start()
         raise KeyboardInterrupt
 
-    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        signal.signal(signal.SIGTERM, handler)
+    def _reap(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._done.is_set():
+            for child in me.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    child.terminate()
+            self._done.wait(0.2)
 
 
 def run_local(params_path: str | Path, runs_dir: str | Path = "runs", fresh: bool = False) -> dict:
@@ -305,10 +346,11 @@ def run_local(params_path: str | Path, runs_dir: str | Path = "runs", fresh: boo
     log_dir = runs_dir / parent / LOG_DIR
     print(f"==> MLflow parent run {parent}; task logs in {_shown(log_dir)}/", flush=True)
     t0 = time.perf_counter()
-    _raise_on_sigterm()
     refs = plan(params.search.max_candidates, here)
     estimator = Estimator(refs, prior_costs(params, refs), time.monotonic())
     output = None
+    interrupts = _Interrupts()
+    interrupts.install()
     try:
         with RunConsole(sys.stdout, estimator) as console:
 
@@ -343,6 +385,7 @@ def run_local(params_path: str | Path, runs_dir: str | Path = "runs", fresh: boo
         print(f"==> run {run_name} interrupted; the same command resumes it", file=sys.stderr)
         raise
     finally:
+        interrupts.restore()
         for name in (checkpoint.WORK_ROOT_ENV, ERROR_LOG_ENV, PARENT_PID_ENV):
             os.environ.pop(name, None)
     dest, summary = _publish(Path(task.output.path), runs_dir)

@@ -349,3 +349,54 @@ def test_whole_dag_runs_with_kfp_local(tmp_path):
     assert aliases == {"champion-onnxruntime-cpu", "champion-openvino-cpu"}
     dvc_tags = db.execute("select count(*) from tags where key = 'dvc.md5'").fetchone()[0]
     assert dvc_tags >= 2 + 2 * 4  # data, search, and train/prune/qat/export per candidate
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_inside_the_candidate_loop_within_seconds(tmp_path):
+    """SIGTERM to ``nasforge run`` while a candidate trains (inside kfp.local's ParallelFor).
+
+    kfp.local waits for every running iteration's chain of tasks before it lets an interrupt
+    through; before the runner terminated its task subprocesses, the run went on training,
+    pruning, exporting and benchmarking for minutes after the signal. Now the running task is
+    stopped, no further stage starts, the run says how to resume, and nothing is left running.
+    """
+    import threading
+    import time
+
+    import psutil
+
+    params = json.loads(json.dumps(TINY))
+    params["train"]["epochs"] = 40  # the signal lands while it trains
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [str(Path(sys.executable).parent / "nasforge"), "run", "--params", "params.yaml"]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen: list[str] = []
+    assert proc.stdout is not None
+    reader = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 1200
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _stage_lines("".join(seen), "train", "started", 0):
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "the train task was not running"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=60)
+        pytest.fail("nasforge run went on for more than 60 s after SIGTERM")
+    reader.join(timeout=30)
+    out = "".join(seen)
+    assert proc.returncode == 130, out[-4000:]
+    assert "interrupted; the same command resumes it" in out
+    assert not _stage_lines(out, "train", "done in", 0), out[-4000:]
+    assert not _stage_lines(out, "prune", "started"), out[-4000:]
+    _, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, f"tasks of the stopped run are still running: {alive}"

@@ -206,7 +206,14 @@ def _artifacts(root: Path, new: bool) -> dict:
             },
             "precision": "int8",
             "constraints": [
-                {"metric": L1, "op": "<=", "value": 1.0, "source": "budgets.max_latency_ms"}
+                {"metric": L1, "op": "<=", "value": 1.0, "source": "budgets.max_latency_ms"},
+                # 1 - 0.1 is 0.8999999999999999 in floating point: the report writes 0.9
+                {
+                    "metric": "val_accuracy",
+                    "op": ">=",
+                    "value": 1 - 0.1,
+                    "source": "budgets.min_accuracy",
+                },
             ],
         }
         trials.append(_trial(4, 0.05, 1.4, 1.5, 30000, feasible=False))
@@ -285,6 +292,7 @@ def test_report_with_unreachable_tracking_server(tmp_path, new):
         assert out / name in result.artifacts
     if new:
         assert "4 of 5 trials are feasible" in page and "budgets.max_latency_ms" in page
+        assert "val_accuracy &gt;= 0.9<" in page and "0.8999999" not in page
         assert "measured: onnxruntime-cpu int8 batch 1" in page
         assert "estimated: 6.25 W/core x 2 cores x latency" in page
         assert "b4: 0.008" in page  # analytic peak activations at batch 4 (MB)

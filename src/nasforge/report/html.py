@@ -158,6 +158,11 @@ def _esc(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _num(v: Any) -> str:
+    """A number as a person writes it: 0.9, not 0.8999999999999999 (12 significant digits)."""
+    return f"{v:.12g}" if isinstance(v, float) else str(v)
+
+
 def _table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     if not rows:
         return "<p><em>none</em></p>"
@@ -205,7 +210,7 @@ def _objectives_section(pareto: dict[str, Any]) -> str:
     ]
     cons = [
         {
-            "constraint": f"{c.get('metric')} {c.get('op')} {c.get('value')}",
+            "constraint": f"{c.get('metric')} {c.get('op')} {_num(c.get('value'))}",
             "from": c.get("source", "-"),
         }
         for c in pareto.get("constraints") or []
