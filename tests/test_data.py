@@ -90,6 +90,17 @@ def test_bad_sources_raise_data_error(tmp_path, name, content, match):
         load_source(str(path))
 
 
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.9])
+def test_truncated_npz_raises_data_error(tmp_path, keep):
+    """A cut-off .npz is a zip without its directory (BadZipFile) or with a short member."""
+    x = np.random.default_rng(0).integers(0, 255, (40, 8, 8, 3), dtype=np.uint8)
+    np.savez_compressed(tmp_path / "d.npz", x=x, y=np.arange(40) % 4)
+    whole = (tmp_path / "d.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: int(len(whole) * keep)])
+    with pytest.raises(DataError, match="cannot read .*cut.npz as .npz"):
+        load_source(str(tmp_path / "cut.npz"))
+
+
 def test_corrupt_image_in_folder(tmp_path):
     d = tmp_path / "cls"
     d.mkdir()

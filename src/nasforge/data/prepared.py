@@ -9,6 +9,8 @@ load, so every stage and every runtime sees exactly the same inputs.
 from __future__ import annotations
 
 import hashlib
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +123,7 @@ def load_prepared(path: str | Path) -> PreparedData:
     try:
         with np.load(path / ARRAYS, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise DataError(f"prepared dataset {path} is corrupt: {err}") from None
     missing = [f"{a}_{s}" for s in SPLITS for a in ("x", "y") if f"{a}_{s}" not in arrays]
     if missing:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import tarfile
+import zipfile
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -182,7 +184,7 @@ def load_npz(path: Path) -> RawData:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise DataError(f"cannot read {path} as .npz: {err}") from None
     if "x" in arrays and "y" in arrays:
         x, y = arrays["x"], arrays["y"]
