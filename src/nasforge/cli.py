@@ -563,7 +563,12 @@ def _rollback(args: argparse.Namespace) -> int:
     check_reachable(tp.uri)
     model_name = model_name_for(tp.model_prefix, args.rollback)
     decision = rollback(
-        tp.uri, model_name, args.rollback, gate.accuracy_tolerance, gate.latency_tolerance
+        tp.uri,
+        model_name,
+        args.rollback,
+        gate.accuracy_tolerance,
+        gate.latency_tolerance,
+        gate.latency_floor_ms,  # for versions registered before they recorded their own
     )
     print(f"{args.rollback}: {model_name} {decision.reason}")
     return 0
