@@ -232,3 +232,15 @@ def test_profile_int8_builds_a_separate_quantized_table(tmp_path):
     assert table["settings"]["quantization"]["format"] == "QDQ"
     assert table["calibration"]["1"]["n_networks"] == 3
     assert "int8 latency table for openvino-cpu" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "flag, needle",
+    [("--max-body-bytes", "max_body_bytes must be >= 1"), ("--max-items-per-request", "max_items")],
+)
+def test_serve_request_limits_reach_the_server(tmp_path, flag, needle):
+    """The server's request limits are set from the command line (0 is refused by the server)."""
+    proc = _run(
+        ["serve", "--source", str(tmp_path), "--target", "onnxruntime-cpu", flag, "0"], tmp_path
+    )
+    _assert_one_line_error(proc, needle)

@@ -304,6 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --source registry: serve the champion only, not every version",
     )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=8 * 1024 * 1024,
+        help="larger request bodies get 413, refused while reading (default: 8 MiB)",
+    )
+    p.add_argument(
+        "--max-items-per-request",
+        type=int,
+        default=64,
+        help="more inputs in one request get 413 (default: 64)",
+    )
 
     p = sub.add_parser("profile", help="build a latency lookup table of a search space on a target")
     p.add_argument("--target", required=True, help="runtime target, e.g. onnxruntime-cpu")
@@ -547,6 +559,8 @@ def _serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         tracking_uri=args.tracking_uri,
         only_champion=args.only_champion,
+        max_body_bytes=args.max_body_bytes,
+        max_items_per_request=args.max_items_per_request,
     )
     return 0
 
