@@ -8,12 +8,15 @@ CRD (no package here ships the CRD's schema).
 
 from __future__ import annotations
 
+import stat
+
 import pytest
 import torch
 import yaml
 from google.protobuf import text_format
 from torch import nn
 
+from nasforge.atomic import default_mode
 from nasforge.errors import ConfigError, ModelFileError
 from nasforge.export.onnx import export_fp32
 from nasforge.export.openvino import to_openvino_ir
@@ -52,6 +55,8 @@ def test_triton_repository_parses_with_triton_schema(onnx_model, tmp_path):
         max_batch_size=16,
         max_queue_delay_ms=2.5,
     )
+    # a normal folder's mode (readable by the model server's user), not mkdtemp's 0700
+    assert stat.S_IMODE(repo.stat().st_mode) == default_mode(directory=True)
     pb = model_config_module()
     seen = {}
     for backend in ("onnxruntime", "openvino", "tensorrt"):
@@ -97,6 +102,7 @@ def test_triton_export_bad_input_leaves_nothing(onnx_model, tmp_path):
 def test_inference_service_validates_and_round_trips(tmp_path):
     doc = inference_service("nasforge-cifar", "s3://models/nasforge/repo", namespace="ml", gpu=True)
     path = write_inference_service(doc, tmp_path / "isvc.yaml")
+    assert stat.S_IMODE(path.stat().st_mode) == default_mode()  # not mkstemp's 0600
     loaded = yaml.safe_load(path.read_text())
     assert loaded == doc
     validate_inference_service(loaded)

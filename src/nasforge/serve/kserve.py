@@ -12,13 +12,12 @@ no unknown keys). It is *not* the CRD's full OpenAPI schema, which no installed 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from nasforge.atomic import atomic_file
 from nasforge.errors import ConfigError
 
 _DNS1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -182,13 +181,6 @@ def write_inference_service(doc: dict[str, Any], path: Path | str) -> Path:
     """Validate and write the manifest as YAML (temp file, then rename)."""
     validate_inference_service(doc)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(doc, f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, suffix=".yaml") as tmp:  # a normal file's mode, not mkstemp's 0600
+        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path

@@ -23,13 +23,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from nasforge.atomic import temp_dir_beside
 from nasforge.errors import ConfigError, ModelFileError
 from nasforge.runtimes.registry import get_runtime, list_runtimes
 
@@ -197,8 +197,7 @@ def export_triton_repository(
     inp, out = _onnx_signature(onnx_model)
     if preferred_batch_sizes is None:
         preferred_batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= max_batch_size]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    tmp = temp_dir_beside(output)  # a normal folder's mode, not mkdtemp's 0700
     try:
         for backend in backends:
             model_name = f"{name}-{backend}"
