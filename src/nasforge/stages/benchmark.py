@@ -5,7 +5,9 @@ runtime), latency p50/p90/p99 after warm-up and throughput per batch size, model
 memory. The models are the target's runtime's files in the export bundle (a runtime that loads
 another's files, like TensorRT, measures those). Table targets (``table:<column>``) cannot run
 models: their latency is the table's value for the architecture (labelled ``source: table``) and
-accuracy is measured on the base runtime (ONNX Runtime).
+accuracy is measured on the base runtime (ONNX Runtime). An INT8 target
+(``onnxruntime-cpu-int8``) runs only quantized models: its FP32 figures, kept for comparison, come
+from the same runtime and device at FP32.
 Each precision also records its energy per inference (``energy`` at batch 1, ``energy_per_batch``
 per batch size): measured with RAPL/NVML by running the model where such a meter is readable
 here, from the table's ``<device>_energy_mj`` column for table targets that have one, otherwise
@@ -189,14 +191,19 @@ def benchmark_one(params: Params, data, exported: Path, t, output_root: Path) ->
     output.mkdir(parents=True, exist_ok=True)
     for precision in ("fp32", "int8"):
         files = model_files(exported, runtime, precision)
-        logits = predict(files[0], run_target, x_test, batch_size=64, threads=threads)
+        # An INT8 target (onnxruntime-cpu-int8) refuses float files: the FP32 figures, kept for
+        # comparison, come from the same runtime and device at FP32.
+        mt = run_target
+        if precision == "fp32" and run_target.precision == "int8":
+            mt = runtime_target(run_target.runtime, run_target.device, "fp32")
+        logits = predict(files[0], mt, x_test, batch_size=64, threads=threads)
         acc = float((np.argmax(logits, axis=1) == y_test).mean())
         latency = {}
         if t.kind == "runtime":
             for bs in bp.batch_sizes:
                 res = measure(
                     files[0],
-                    t,
+                    mt,
                     batch_size=bs,
                     input_shape=data.input_shape,
                     warmup=bp.warmup,
